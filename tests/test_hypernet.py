@@ -1,0 +1,168 @@
+"""hypernet.py: shapes, parameter counts, dW = 0 at init, padding invariance, gradients, compile, save/load."""
+import json
+import time
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from hypernet import HyperConfig, HyperNet, compile_hypernet, load_hypernet, param_breakdown, save_hypernet
+from model import TextConfig, lora_linear
+
+# Small perceiver dims so every test runs in well under a second on 2 cores.
+TINY_PERCEIVER = dict(latent_size=32, n_latents=4, num_blocks=2, n_heads=4, head_dim=8, n_kv_heads=2, rank=4)
+
+
+def model_config(L=3, D=24, I=40, heads=4, kv=2, head_dim=6):
+    """Stand-in for SmolVLMConfig: HyperConfig.for_model only reads `.text`."""
+    return SimpleNamespace(text=TextConfig(hidden_size=D, intermediate_size=I, num_hidden_layers=L,
+                                           num_attention_heads=heads, num_key_value_heads=kv, head_dim=head_dim))
+
+
+def tiny(targets=("down_proj",), seed=0, **kw):
+    torch.manual_seed(seed)
+    return HyperNet(HyperConfig.for_model(model_config(**kw), targets=targets, **TINY_PERCEIVER))
+
+
+def inputs(net, B=2, T=7, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    c = net.config
+    return torch.randn(B, c.num_layers, T, c.hidden_size, generator=g), torch.ones(B, T, dtype=torch.long)
+
+
+def test_defaults_are_the_released_ones():
+    c = HyperConfig.for_model(model_config())
+    assert (c.latent_size, c.n_latents, c.num_blocks, c.n_heads, c.head_dim, c.n_kv_heads, c.rank, c.alpha) == \
+        (512, 8, 9, 16, 128, 4, 16, 128.0)
+    assert c.targets == ("down_proj",) and c.target_shapes == (("down_proj", 40, 24),)
+    assert HyperConfig.from_dict(json.loads(json.dumps(c.to_dict()))) == c  # JSON round trip
+    with pytest.raises(ValueError, match="unknown LoRA target"):
+        HyperConfig.for_model(model_config(), targets=("lm_head",))
+
+
+def test_shapes_tiny_multi_target():
+    net = tiny(targets=("q_proj", "down_proj"))
+    h, mask = inputs(net)
+    out = net(h, mask)
+    assert list(out) == ["q_proj", "down_proj"]  # canonical LORA_TARGETS order
+    assert out["q_proj"][0].shape == (2, 3, 8, 24) and out["q_proj"][1].shape == (2, 3, 8, 24)
+    assert out["down_proj"][0].shape == (2, 3, 8, 40) and out["down_proj"][1].shape == (2, 3, 8, 24)
+    # Each target has its own queries, head, scalers and static LoRA.
+    assert net.decoder.latents_q.shape == (2 * 4, 32)
+    assert set(net.head) == set(net.scaler_A) == set(net.bias_B) == {"q_proj", "down_proj"}
+
+
+@pytest.mark.parametrize("D,L,I,expect_total,expect", [
+    # method.md §3.3: ~128.6M (500M) and ~227M (2.2B), with the per-part sizes it lists.
+    (960, 32, 2560, 128.6e6, dict(projection=9.3e6, encoder=51.9e6, decoder=5.8e6, pre_head=2.1e6,
+                                  head=57.7e6, static_lora=1.8e6)),
+    (2048, 24, 8192, 227e6, dict(projection=37.7e6, head=125.8e6, static_lora=3.9e6)),
+])
+def test_real_shapes_and_parameter_counts_on_meta(D, L, I, expect_total, expect):
+    cfg = HyperConfig.for_model(model_config(L=L, D=D, I=I, heads=D // 64, kv=D // 64, head_dim=64))
+    with torch.device("meta"):
+        net = HyperNet(cfg)
+        A, B = net(torch.empty(1, L, 900, D), torch.ones(1, 900))["down_proj"]
+    assert A.shape == (1, L, 32, I) and B.shape == (1, L, 32, D)
+    counts = param_breakdown(net)
+    print({k: f"{v / 1e6:.3f}M" for k, v in counts.items()})
+    assert abs(counts["total"] - expect_total) / expect_total < 0.002
+    for part, n in expect.items():
+        assert abs(counts[part] - n) < 0.05e6, part
+
+
+def test_delta_w_is_exactly_zero_at_init():
+    net = tiny(targets=("q_proj", "down_proj"))
+    h, mask = inputs(net)
+    for t, (A, B) in net(h, mask).items():
+        assert torch.count_nonzero(B) == 0, t  # scaler_B = 0 and bias_B = 0
+        assert torch.count_nonzero(A) > 0, t   # A itself is not degenerate
+    # Through model.py's LoRA rule the layer output is bit-identical to the frozen layer's.
+    A, B = net(h, mask)["down_proj"]
+    lin, x = torch.nn.Linear(40, 24), torch.randn(2, 5, 40)
+    assert torch.equal(lora_linear(lin, x, (A[:, 0], B[:, 0]), net.config.alpha), lin(x))
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_padded_positions_change_nothing(side):
+    net = tiny()
+    with torch.no_grad():
+        net.scaler_B["down_proj"].fill_(0.7)  # make the generated B depend on the context
+    h, mask = inputs(net, B=1, T=6)
+    junk = 50 * torch.randn(1, 3, 5, 24)  # large garbage at the padded positions
+    hp = torch.cat([h, junk], 2) if side == "right" else torch.cat([junk, h], 2)
+    pad = torch.zeros(1, 5, dtype=torch.long)
+    mp = torch.cat([mask, pad], 1) if side == "right" else torch.cat([pad, mask], 1)
+    ref, got = net(h, mask)["down_proj"], net(hp, mp)["down_proj"]
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+    # ... while unmasking them does change the output (the test is not vacuous).
+    assert not torch.allclose(net(hp, torch.ones_like(mp))["down_proj"][1], ref[1], atol=1e-4)
+
+
+def test_layer_chunks_match_all_layers_at_once():
+    net = tiny(L=5)
+    h, mask = inputs(net)
+    mask[1, -2:] = 0
+    ref = net(h, mask)["down_proj"]
+    for chunk in (1, 2, 5):
+        torch.testing.assert_close(net(h, mask, layer_chunk=chunk)["down_proj"], ref, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("layer_chunk", [None, 2])  # 2 also exercises the checkpointed path
+def test_gradients_reach_every_parameter(layer_chunk):
+    net = tiny(targets=("q_proj", "down_proj"))
+    with torch.no_grad():  # at init dW does not depend on the generated A or on bias_A: open both paths
+        for t in net.config.targets:
+            net.scaler_B[t].fill_(0.5)
+            net.bias_B[t].normal_()
+    h, mask = inputs(net)
+    mask[0, -3:] = 0
+    loss = 0
+    for A, B in net(h, mask, layer_chunk=layer_chunk).values():
+        dW = torch.einsum("blro,blri->bloi", B, A)  # (B, L, d_out, d_in): what the base model sees
+        loss = loss + (dW * torch.randn_like(dW)).sum()
+    loss.backward()
+    dead = [n for n, p in net.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert not dead
+
+
+def test_compiled_matches_eager():
+    net = tiny()
+    with torch.no_grad():
+        net.scaler_B["down_proj"].fill_(0.7)
+    h, mask = inputs(net)
+    mask[1, -2:] = 0
+    ref = net(h, mask)["down_proj"]
+    keys = set(net.state_dict())
+    t0 = time.perf_counter()
+    compile_hypernet(net, enabled=True)
+    got = net(h, mask)["down_proj"]
+    print(f"compile + first call: {time.perf_counter() - t0:.1f} s")
+    # Tolerance: fp32 with fused kernels reordering reductions; observed differences are ~1e-7.
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
+    assert set(net.state_dict()) == keys  # the compiled function holds no weights of its own
+
+
+def test_save_load_round_trip_is_bit_exact(tmp_path):
+    net = tiny(targets=("q_proj", "down_proj"))
+    with torch.no_grad():
+        for p in net.parameters():  # move every tensor off its init value
+            p.add_(0.01 * torch.randn_like(p))
+    path = save_hypernet(tmp_path / "hn", net)
+    assert sorted(f.name for f in (tmp_path / "hn").iterdir()) == ["hypernet.json", "hypernet.safetensors"]
+    loaded = load_hypernet(tmp_path / "hn", model_config=model_config())
+    assert loaded.config == net.config
+    sd, sd2 = net.state_dict(), loaded.state_dict()
+    assert sd.keys() == sd2.keys() and all(torch.equal(sd[k], sd2[k]) for k in sd)
+    h, mask = inputs(net)
+    for t, (A, B) in net(h, mask).items():
+        A2, B2 = loaded(h, mask)[t]
+        assert torch.equal(A, A2) and torch.equal(B, B2)
+    assert load_hypernet(path).config == net.config  # the .safetensors path works too
+
+
+@pytest.mark.parametrize("other", [dict(L=4), dict(D=32, heads=4, head_dim=8), dict(I=48)])
+def test_load_rejects_a_different_base_model(tmp_path, other):
+    save_hypernet(tmp_path / "hn.safetensors", tiny())
+    with pytest.raises(ValueError, match=r"built for L=3, D=24, down_proj 40->24 but the base model has"):
+        load_hypernet(tmp_path / "hn.safetensors", model_config=model_config(**other))
