@@ -101,6 +101,18 @@ class SmolVLMConfig:
                 "text_config": {"model_type": "llama", "tie_word_embeddings": self.tie_word_embeddings, **text}}
 
 
+def preset_config(size: str) -> SmolVLMConfig:
+    """The released architectures (spec §1), for shape checks and benchmarks without downloading weights."""
+    vision = {"256M": VisionConfig(768, 3072, 12, 12, 16, 512), "500M": VisionConfig(768, 3072, 12, 12, 16, 512),
+              "2.2B": VisionConfig(1152, 4304, 27, 16, 14, 384)}
+    text = {"256M": TextConfig(49280, 576, 1536, 30, 9, 3, 64, 100000.0, 1e-5, 8192),
+            "500M": TextConfig(49280, 960, 2560, 32, 15, 5, 64, 100000.0, 1e-5, 8192),
+            "2.2B": TextConfig(49280, 2048, 8192, 24, 32, 32, 64, 273768.0, 1e-5, 16384)}
+    if size not in vision:
+        raise ValueError(f"unknown size {size!r}: choose one of {', '.join(vision)}")
+    return SmolVLMConfig(vision[size], text[size], scale_factor=3 if size == "2.2B" else 4, image_token_id=49190)
+
+
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
