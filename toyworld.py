@@ -24,13 +24,9 @@ CONTROL_TOKENS = [
     "<jupyter_code>", "<jupyter_output>", "<jupyter_script>", "<empty_output>",
 ]
 # SmolVLM2's 128 added tokens, in the released order (smolvlm2.md §2): they follow the BPE vocabulary.
-ADDED_TOKENS = (
-    ["<global-img>"]
-    + [f"<row_{r}_col_{c}>" for r in range(1, 7) for c in range(1, 7)]
-    + ["<fake_token_around_image>", "<image>"]
-    + [f"<|reserved_special_token_{i}|>" for i in range(88)]
-    + ["<end_of_utterance>"]
-)
+ADDED_TOKENS = (["<global-img>"] + [f"<row_{r}_col_{c}>" for r in range(1, 7) for c in range(1, 7)]
+                + ["<fake_token_around_image>", "<image>"] + [f"<|reserved_special_token_{i}|>" for i in range(88)]
+                + ["<end_of_utterance>"])
 
 
 def build_tokenizer(corpus: list[str], bpe_vocab_size: int = 1024) -> Tokenizer:
@@ -118,13 +114,12 @@ class ClipSpec:
         dx, dy = DIRECTIONS[o.direction]
         return o.x + dx * t * o.travel * self.width, o.y + dy * t * o.travel * self.height
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict:  # JSON-ready; from_dict(to_dict()) gives back an equal spec
         return asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> "ClipSpec":
-        objects = tuple(ObjectSpec(**{**o, "rgb": tuple(o["rgb"])}) for o in d["objects"])
-        return cls(**{**d, "objects": objects})
+        return cls(**{**d, "objects": tuple(ObjectSpec(**{**o, "rgb": tuple(o["rgb"])}) for o in d["objects"])})
 
 
 # ---------------------------------------------------------------- sampling
@@ -160,17 +155,15 @@ def sample_clip(seed: int | np.random.Generator, two_part: bool | None = None,
     """Draw a clip anywhere in the spec's ranges. The same seed always gives the same clip.
 
     two_part / n_objects force a kind of clip; None draws it (two-part with probability TWO_PART_P, else one or
-    two objects with equal odds). The random stream is consumed identically either way, so forcing a kind
-    changes only what it must. Two objects always differ in both colour and shape, so every question names
-    one object unambiguously. Two objects shown together start with their centres at least one object size
-    apart horizontally: they never overlap at the first frame and "left-most" (the caption order) is clear.
+    two objects with equal odds). Two objects differ in both colour and shape, so every question names one
+    object unambiguously; shown together, their centres start at least one object size apart horizontally, so
+    they never overlap at the first frame and "left-most" (the caption order) is never a close call.
     """
     rng = np.random.default_rng(seed)
     w, h = _sample_frame(rng)
     fps = int(rng.integers(4, 31))
     n_frames = int(rng.integers(2 * fps, 8 * fps + 1))  # 2..8 s
-    drawn_two_part = bool(rng.random() < TWO_PART_P)
-    drawn_n = int(rng.integers(1, 3))
+    drawn_two_part, drawn_n = bool(rng.random() < TWO_PART_P), int(rng.integers(1, 3))  # drawn even when forced
     two_part = drawn_two_part if two_part is None else two_part
     n = 2 if two_part else (drawn_n if n_objects is None else n_objects)
     colors, shapes = rng.permutation(list(COLORS))[:n], rng.permutation(list(SHAPES))[:n]
@@ -181,7 +174,8 @@ def sample_clip(seed: int | np.random.Generator, two_part: bool | None = None,
         a, b = objects
         if abs((a.x + a.size / 2) - (b.x + b.size / 2)) >= max(a.size, b.size):
             break
-    return ClipSpec(w, h, fps, n_frames, tuple(objects), two_part, seed if isinstance(seed, int) else None)
+    return ClipSpec(w, h, fps, n_frames, tuple(objects), two_part,
+                    int(seed) if isinstance(seed, (int, np.integer)) else None)
 
 
 def clip_spec(split: str, index: int, two_part: bool | None = None) -> ClipSpec:
@@ -307,10 +301,9 @@ TWO_PART_MODES = {"mixed": None, "always": True, "never": False}
 def write_split(split: str, n: int, out: str | Path, two_part: str = "mixed", progress: bool = True) -> Path:
     """Write clips 0..n-1 of a split into `out` (mp4s + manifest.jsonl, one row per question); return the manifest.
 
-    Resumable: a clip whose mp4 already exists is not rendered again (write_clip's rename makes existing files
-    complete), and the manifest is rewritten whole, atomically, at the end. Every row is a pure function of
-    the clip's spec, which it carries, so a consumer never needs to re-sample. `two_part` is "mixed" (the
-    sampler decides), "always" or "never"; the last two get their own file names, since they change the clips.
+    Resumable: an existing mp4 is complete (write_clip renames into place) and is not rendered again; the
+    manifest is rewritten whole, atomically. Each row carries its clip's spec, so consumers never re-sample.
+    `two_part` "always" / "never" change the clips, so those clips get their own file names.
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
