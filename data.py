@@ -1,0 +1,431 @@
+"""Video in: decode with PyAV, sample frames, make pixels and build SmolVLM2 prompts exactly as the reference does.
+
+Spec: ../shared/design/smolvlm2.md §2, §5.4-5.5, §6 and method.md §2, §5, §6.1-6.2. transformers is the oracle the
+tests compare against; nothing here imports it. Four parts, top to bottom: decoding, frame sampling, pixels, and
+prompts/tokens (the `Processor`), then the JSONL manifest dataset used for training.
+"""
+from __future__ import annotations
+
+import bisect, json, math, os, sys
+from dataclasses import dataclass, field
+from datetime import timedelta
+from functools import lru_cache
+from pathlib import Path
+
+import av
+import numpy as np
+import torch
+from tokenizers import Tokenizer
+
+INSTRUCTION = "Internalize this video for later captioning."  # method.md §2: the fixed internalization instruction
+
+
+class DecodeError(RuntimeError):
+    """The file is missing, is not a media file, has no video stream, or its frames cannot be decoded."""
+
+
+# ----------------------------------------------------------------------------------------------------------- decoding
+@dataclass
+class Clip:
+    frames: list            # F sampled frames, upright: (H, W, 3) uint8 arrays, or whatever `frame_fn` made of them
+    indices: list[int]      # frame numbers within the clip, presentation order (what the sampler chose)
+    pts: list[float]        # true presentation times in seconds from the clip's first frame (VFR-safe)
+    total_frames: int       # frames in the clip (= the container's nb_frames when it stores one)
+    fps: float              # the stream's average frame rate, as transformers' PyAV reader takes it
+    duration: float = field(init=False)
+
+    def __post_init__(self):
+        self.duration = self.total_frames / self.fps   # SmolVLM2's definition (§5.5), not the container's
+
+    @property
+    def timestamps(self) -> list[float]:
+        # What SmolVLM2 prints in "Frame from MM:SS:": frame index / average fps, as in training. On a
+        # variable-frame-rate clip this drifts from `pts`; we keep the reference's number for prompt parity.
+        return [k / self.fps for k in self.indices]
+
+
+def _upright(frame: av.VideoFrame, stream) -> np.ndarray:
+    """RGB array of `frame` turned the way a player shows it. PyAV reads the display matrix (counter-clockwise
+    degrees); old muxers wrote a clockwise "rotate" tag instead. transformers' reader ignores both."""
+    rgb = frame.to_ndarray(format="rgb24")                      # (H, W, 3) uint8, as stored
+    angle = frame.rotation or -int(float(stream.metadata.get("rotate", 0)))
+    k = round(angle / 90) % 4
+    return np.ascontiguousarray(np.rot90(rgb, k)) if k else rgb   # np.rot90 turns counter-clockwise
+
+
+def _scan(container, stream) -> tuple[list[int], list[int]]:
+    """Presentation times (stream ticks) of every frame and of every keyframe, from the packets alone: demuxing
+    reads the file but decodes nothing, so it is cheap, and it gives an exact frame count and index -> time map
+    even for variable frame rate or containers without a frame count (Matroska/WebM report 0)."""
+    pts, keys = [], []
+    for packet in container.demux(stream):
+        t = packet.pts if packet.pts is not None else packet.dts
+        if t is None or packet.size == 0:
+            continue                                            # the empty flush packet at end of stream
+        pts.append(t)
+        if packet.is_keyframe:
+            keys.append(t)
+    return sorted(pts), sorted(keys)
+
+
+def _fetch(container, stream, targets: list[int], keys: list[int], frame_fn) -> list:
+    """Decode just the frames whose pts are `targets` (ascending). Before each target we seek to the keyframe at
+    or before it, but only when a keyframe lies past the decoder's position (otherwise decoding on is cheaper).
+    Only the current frame and the kept results are ever in memory."""
+    out, frames, pos = [], None, None
+    for target in targets:
+        if frames is None or bisect.bisect_right(keys, target) > bisect.bisect_right(keys, pos):
+            container.seek(target, stream=stream, backward=True)   # lands on a keyframe <= target
+            frames, pos = container.decode(stream), None
+        for frame in frames:
+            if frame.pts is None:
+                continue
+            if pos is None and frame.pts > target:               # imprecise seek: restart from the top
+                container.seek(keys[0] if keys else 0, stream=stream, backward=True)
+                frames = container.decode(stream)
+                pos = -math.inf
+                continue
+            pos = frame.pts
+            if frame.pts >= target:
+                out.append(frame_fn(_upright(frame, stream)))
+                break
+        else:
+            raise DecodeError(f"stream ended before the frame at pts {target}")
+    return out
+
+
+def decode_video(path, num_frames: int | None = None, max_frames: int = 64, sample_fps: float = 1.0,
+                 start: float | None = None, end: float | None = None, frame_fn=None) -> Clip:
+    """Decode the sampled frames of `path`, or of its [start, end) second range, which then behaves exactly like
+    a clip cut out of the video (indices and timestamps restart at 0), as the authors' ffmpeg-cut clips did.
+    Sampling is SmolVLM2's rule (`max_frames`, `sample_fps`) unless `num_frames` asks for N uniform frames."""
+    path = Path(path)
+    if not path.is_file():
+        raise DecodeError(f"{path}: no such file")
+    try:
+        container = av.open(str(path))
+    except (av.FFmpegError, OSError, UnicodeDecodeError) as e:
+        raise DecodeError(f"{path}: not a readable media file ({e})") from None
+    with container:
+        if not container.streams.video:
+            raise DecodeError(f"{path}: no video stream")
+        stream = container.streams.video[0]
+        try:
+            pts, keys = _scan(container, stream)
+            if not pts:
+                raise DecodeError(f"{path}: the video stream has no frames")
+            tb, t0 = float(stream.time_base), pts[0]
+            lo = 0 if start is None else bisect.bisect_left(pts, t0 + start / tb)
+            hi = len(pts) if end is None else bisect.bisect_left(pts, t0 + end / tb)
+            if hi <= lo:
+                raise DecodeError(f"{path}: no frames in [{start}, {end}) s")
+            fps = float(stream.average_rate or stream.guessed_rate or 0) or len(pts) / max((pts[-1] - t0) * tb, 1e-9)
+            total = hi - lo
+            idx = uniform_indices(total, num_frames) if num_frames else smolvlm_indices(total, fps, max_frames, sample_fps)
+            frames = _fetch(container, stream, [pts[lo + i] for i in idx], keys, frame_fn or (lambda a: a))
+        except av.FFmpegError as e:
+            raise DecodeError(f"{path}: decoding failed ({e})") from None
+    return Clip(frames, idx, [(pts[lo + i] - pts[lo]) * tb for i in idx], total, fps)
+
+
+# ------------------------------------------------------------------------------------------------------ sampling
+def smolvlm_indices(total: int, fps: float, max_frames: int = 64, sample_fps: float = 1.0, skip_secs: float = 1.0):
+    """SmolVLM2's sampler (SmolVLMVideoProcessor.sample_frames, §5.5): about `sample_fps` frames a second, at most
+    `max_frames`; videos long enough to be capped lose `skip_secs` at each end; evenly spaced, truncated, unique."""
+    duration = total / fps
+    n = max(1, min(int(round(sample_fps * duration)), max_frames))   # Python round: banker's, as the reference
+    lo, hi = 0, total - 1
+    if skip_secs > 0 and duration - 2 * skip_secs > max_frames * sample_fps:
+        lo, hi = int(skip_secs * fps), int(total - skip_secs * fps)
+    lo, hi = max(0, lo), min(hi, total - 1)
+    if lo >= hi:
+        lo, hi = 0, total - 1
+    return np.unique(np.linspace(lo, hi, n, dtype=int)).tolist()
+
+
+def uniform_indices(total: int, n: int) -> list[int]:
+    """N frames spread evenly, starting at frame 0 (transformers' default_sample_indices_fn); all if n >= total."""
+    n = min(n, total)
+    return (np.arange(n) * total // n).tolist()
+
+
+# -------------------------------------------------------------------------------------------------------- pixels
+# The reference (transformers 4.50, what SmolVLM2 was trained with) resizes with PIL LANCZOS on uint8. We
+# reproduce Pillow's resampler in torch exactly: its filter taps, its 22-bit fixed-point coefficients, the
+# horizontal-then-vertical order and the uint8 rounding after each pass (Pillow's libImaging/Resample.c).
+_PRECISION = 22
+
+
+def _sinc(x: float) -> float:
+    if x == 0.0:
+        return 1.0
+    x *= math.pi
+    return math.sin(x) / x
+
+
+@lru_cache(maxsize=64)
+def _lanczos_taps(n_in: int, n_out: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Source indices and fixed-point weights, both (n_out, K), of Pillow's LANCZOS (a = 3) resize."""
+    scale = n_in / n_out
+    fscale = max(scale, 1.0)                                    # downscaling widens the filter
+    support = 3.0 * fscale
+    k = int(math.ceil(support)) * 2 + 1
+    idx, wts = torch.zeros(n_out, k, dtype=torch.long), torch.zeros(n_out, k, dtype=torch.long)
+    for o in range(n_out):
+        center = (o + 0.5) * scale
+        lo, hi = max(int(center - support + 0.5), 0), min(int(center + support + 0.5), n_in)
+        w = [_sinc(v) * _sinc(v / 3) if -3.0 <= v < 3.0 else 0.0
+             for v in ((x - center + 0.5) * (1.0 / fscale) for x in range(lo, hi))]
+        total = sum(w)
+        w = [v / total for v in w] if total != 0.0 else w
+        idx[o, : hi - lo] = torch.arange(lo, hi)
+        wts[o, : hi - lo] = torch.tensor([int((0.5 if v >= 0 else -0.5) + v * (1 << _PRECISION)) for v in w])
+    return idx, wts
+
+
+def _resample_last(x: torch.Tensor, n_out: int) -> torch.Tensor:
+    """Resize the last axis of integer pixels x (..., n_in) -> (..., n_out), rounding to uint8 values like Pillow."""
+    idx, wts = _lanczos_taps(x.shape[-1], n_out)
+    acc = torch.full((*x.shape[:-1], n_out), 1 << (_PRECISION - 1), dtype=torch.long)
+    for t in range(idx.shape[1]):                               # one tap at a time: memory stays (..., n_out)
+        acc += x[..., idx[:, t]] * wts[:, t]
+    return (acc >> _PRECISION).clamp_(0, 255)                   # >> floors, as Pillow's clip8
+
+
+def lanczos_resize(x: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """(3, H, W) integer pixels -> (3, height, width), bit-identical to PIL `Image.resize(..., LANCZOS)`."""
+    if width != x.shape[2]:
+        x = _resample_last(x, width)                            # Pillow: horizontal pass first
+    if height != x.shape[1]:
+        x = _resample_last(x.transpose(1, 2), height).transpose(1, 2)
+    return x
+
+
+def longest_edge_size(height: int, width: int, longest: int) -> tuple[int, int]:
+    """SmolVLM2's step 1: longest edge -> `longest` (up or down), the other side truncated then made even."""
+    if width >= height:
+        h, w = int(longest / (width / height)), longest
+        h += h % 2
+    else:
+        h, w = longest, int(longest * (width / height))
+        w += w % 2
+    return max(h, 1), max(w, 1)
+
+
+def frame_pixels(rgb: np.ndarray, video_size: int, side: int) -> torch.Tensor:
+    """One upright (H, W, 3) uint8 frame -> (3, side, side) float32 in [-1, 1]. Never tiled: the longest edge goes
+    to `video_size`, then the frame is squashed to the encoder's square (§5.5), then x/255 in float64 -> float32
+    and (x - 0.5) / 0.5, which is exactly the reference's arithmetic."""
+    x = torch.from_numpy(rgb).permute(2, 0, 1).long()          # (3, H, W)
+    x = lanczos_resize(x, *longest_edge_size(x.shape[1], x.shape[2], video_size))
+    x = lanczos_resize(x, side, side)                          # (3, S, S)
+    return ((x.double() * (1 / 255)).float() - 0.5) / 0.5
+
+
+# ------------------------------------------------------------------------------------------------- prompts, tokens
+_ONES = ("zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen "
+         "seventeen eighteen nineteen").split()
+_TENS = "_ _ twenty thirty forty fifty sixty seventy eighty ninety".split()
+
+
+def number_words(n: int) -> str:
+    """English cardinal as num2words writes it (British "and", comma between groups): 64 -> "sixty-four",
+    101 -> "one hundred and one", 1100 -> "one thousand, one hundred". The video intro spells the frame count."""
+    if not 0 <= n < 1_000_000:
+        raise ValueError(f"number_words covers 0..999999, got {n}")
+    if n < 20:
+        return _ONES[n]
+    if n < 100:
+        return _TENS[n // 10] + ("-" + _ONES[n % 10] if n % 10 else "")
+    big, rest, unit = (n // 100, n % 100, " hundred") if n < 1000 else (n // 1000, n % 1000, " thousand")
+    head = number_words(big) + unit
+    return head if rest == 0 else head + (" and " if rest < 100 else ", ") + number_words(rest)
+
+
+def video_prompt(clip: Clip, image_seq_len: int) -> str:
+    """The text that replaces a <video> item (§5.5): an intro with the frame count in words and the duration, then
+    per frame "\\nFrame from MM:SS:" and the frame's image block, then a blank line."""
+    frame = "<fake_token_around_image><global-img>" + "<image>" * image_seq_len + "<fake_token_around_image>"
+    text = (f"You are provided the following series of {number_words(len(clip.frames))} frames "
+            f"from a {timedelta(seconds=int(clip.duration))} [H:MM:SS] video.\n")
+    for t in clip.timestamps:
+        text += f"\nFrame from {int(t // 60):02d}:{int(t % 60):02d}:" + frame
+    return text + "\n\n"
+
+
+def render_chat(messages: list[dict], add_generation_prompt: bool = False, video_text: str = "<video>") -> str:
+    """SmolVLM2's chat template (§5.4) in Python. messages: [{"role", "content": [{"type": "text"|"image"|"video",
+    "text"?}]}]. A video item becomes `video_text` (the expanded block), an image item "<image>"."""
+    out = "<|im_start|>"                                         # once, at the very start: no BOS is added
+    for m in messages:
+        items = m["content"]
+        out += m["role"].capitalize() + (":" if items[0]["type"] == "image" else ": ")
+        for it in items:
+            out += {"text": it.get("text", ""), "image": "<image>", "video": video_text}.get(it["type"], "")
+        out += "<end_of_utterance>\n"
+    return out + ("Assistant:" if add_generation_prompt else "")  # no trailing space: the answer starts with one
+
+
+def load_tokenizer(model_dir) -> Tokenizer:
+    """The checkpoint's own byte-level BPE (tokenizer.json) through `tokenizers`; it adds no special tokens."""
+    path = Path(model_dir) / "tokenizer.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no tokenizer.json in the model directory")
+    return Tokenizer.from_file(str(path))
+
+
+def _read_json(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+class Processor:
+    """Everything a stage needs to turn videos and text into model inputs, configured from a model directory:
+    config.json (tokens per frame, frame side), preprocessor_config.json (video sampling; optional), tokenizer.json.
+    `max_frames` / `video_size` override the processor config (the method uses 12 frames at 384 px)."""
+
+    def __init__(self, model_dir, max_frames: int | None = None, video_size: int | None = None,
+                 sample_fps: float | None = None):
+        model_dir = Path(model_dir)
+        cfg, pre = _read_json(model_dir / "config.json"), _read_json(model_dir / "preprocessor_config.json")
+        vis = cfg.get("vision_config", {})                      # absent keys take transformers' defaults (§1.4)
+        image_size, patch, s = vis.get("image_size", 224), vis.get("patch_size", 32), cfg.get("scale_factor", 2)
+        self.image_seq_len = (image_size // patch) ** 2 // s ** 2
+        stored = _read_json(model_dir / "processor_config.json").get("image_seq_len", self.image_seq_len)
+        if stored != self.image_seq_len:
+            raise ValueError(f"{model_dir}: processor_config image_seq_len {stored} != {self.image_seq_len} from config")
+        self.side = pre.get("max_image_size", {}).get("longest_edge", image_size)   # the encoder's square frame
+        sampling = pre.get("video_sampling", {})
+        self.max_frames = max_frames or sampling.get("max_frames", 64)
+        self.sample_fps = sample_fps or sampling.get("fps", 1)
+        self.video_size = video_size or sampling.get("video_size", {}).get("longest_edge", self.side)
+        self.tokenizer = load_tokenizer(model_dir)
+        pad = _read_json(model_dir / "tokenizer_config.json").get("pad_token", "<|im_end|>")
+        self.image_token_id, self.eou_id, self.pad_id = (self._id(t) for t in ("<image>", "<end_of_utterance>", pad))
+
+    def _id(self, token: str) -> int:
+        i = self.tokenizer.token_to_id(token)
+        if i is None:
+            raise ValueError(f"tokenizer has no {token!r} token")
+        return i
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        return self.tokenizer.decode(list(map(int, ids)), skip_special_tokens=skip_special_tokens)
+
+    def load_video(self, path, start=None, end=None, num_frames=None) -> Clip:
+        """Decode and sample; each frame becomes (3, S, S) pixels as soon as it is decoded, so a 4K frame is held
+        once, briefly. Raises DecodeError."""
+        return decode_video(path, num_frames, self.max_frames, self.sample_fps, start, end,
+                            frame_fn=lambda rgb: frame_pixels(rgb, self.video_size, self.side))
+
+    def _video_inputs(self, video, text: str, add_generation_prompt: bool):
+        clip = video if isinstance(video, Clip) else self.load_video(video)
+        msg = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": text}]}]
+        ids = self.encode(render_chat(msg, add_generation_prompt, video_prompt(clip, self.image_seq_len)))
+        return torch.tensor([ids]), torch.stack(clip.frames)    # (1, T) long, (F, 3, S, S) float32
+
+    def internalization_inputs(self, video, instruction: str = INSTRUCTION):
+        """method.md §2: one user turn [video, instruction], no generation prompt -> (ids (1, T), pixels (F, 3, S, S)).
+        `video` is a path or a Clip from `load_video` (use the latter for start/end segments)."""
+        return self._video_inputs(video, instruction, add_generation_prompt=False)
+
+    def question_inputs(self, question: str, video=None):
+        """A question with the video in context (the base model / teacher), or text-only with zero visual tokens
+        when `video` is None (the adapter) -> (ids (1, T), pixels (F, 3, S, S) or None)."""
+        if video is not None:
+            return self._video_inputs(video, question, add_generation_prompt=True)
+        msg = [{"role": "user", "content": [{"type": "text", "text": question}]}]
+        return torch.tensor([self.encode(render_chat(msg, add_generation_prompt=True))]), None
+
+    def training_pair(self, prompt: str, answer: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """method.md §6.2: text-only [user: prompt][assistant: answer] -> (ids (U,), labels (U,)), labels -100 on the
+        prompt and the generation prompt. The answer part is " answer<end_of_utterance>", tokenised on its own so
+        the label boundary is exact (the pre-tokenizer splits there anyway, so ids equal the whole-string ones)."""
+        msg = [{"role": "user", "content": [{"type": "text", "text": prompt}]}]
+        head = self.encode(render_chat(msg, add_generation_prompt=True))
+        tail = self.encode(" " + answer + "<end_of_utterance>")
+        return torch.tensor(head + tail), torch.tensor([-100] * len(head) + tail)
+
+
+# ------------------------------------------------------------------------------------------------------ datasets
+def _warn(msg: str):
+    print(f"warning: {msg}", file=sys.stderr)
+
+
+def read_manifest(path, data_root=None) -> tuple[list[dict], int]:
+    """Rows of a JSONL manifest ({"id", "video_path", "prompt", "target_text", ...}, the Frames2LoRA fields), with
+    `video_path` resolved against `data_root`, else $V2L_DATA_ROOT, else the manifest's folder. A malformed line
+    is reported with its line number and skipped. Returns (rows, number of skipped lines)."""
+    path = Path(path)
+    root = Path(data_root or os.environ.get("V2L_DATA_ROOT") or path.parent)
+    rows, bad = [], 0
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            row["video_path"] = str(root / row["video_path"])       # an absolute path stays as it is
+            row["prompt"], row["target_text"] = str(row["prompt"]), str(row["target_text"])
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            _warn(f"{path}:{n}: malformed manifest line skipped ({type(e).__name__}: {e})")
+            bad += 1
+            continue
+        row.setdefault("id", f"{path.stem}:{n}")
+        rows.append(row)
+    return rows, bad
+
+
+class VideoTextDataset(torch.utils.data.Dataset):
+    """One item per manifest row: the video's internalization inputs plus the text-only training pair. Rows whose
+    video is missing are dropped up front; one that fails to decode yields None, which `collate` drops; both are
+    counted (`summary()`; with DataLoader workers, decode failures are counted in the batch's "skipped")."""
+
+    def __init__(self, manifest, processor: Processor, data_root=None):
+        self.manifest, self.proc = Path(manifest), processor
+        rows, self.malformed = read_manifest(manifest, data_root)
+        self.rows = [r for r in rows if Path(r["video_path"]).is_file()]
+        self.missing, self.undecodable = len(rows) - len(self.rows), 0
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, i: int):
+        row = self.rows[i]
+        try:
+            ctx_ids, pixels = self.proc.internalization_inputs(row["video_path"])
+        except DecodeError as e:
+            self.undecodable += 1
+            _warn(f"row {row['id']} skipped: {e}")
+            return None
+        ids, labels = self.proc.training_pair(row["prompt"], row["target_text"])
+        return {"id": row["id"], "pixel_values": pixels, "ctx_ids": ctx_ids[0], "ids": ids, "labels": labels}
+
+    def summary(self) -> str:
+        usable = len(self.rows) - self.undecodable
+        return (f"{self.manifest.name}: {usable} usable rows; skipped {self.malformed} malformed lines, "
+                f"{self.missing} missing videos, {self.undecodable} undecodable videos")
+
+    def collate(self, items: list) -> dict | None:
+        """Pad a batch. Internalization ids are LEFT-padded (B, T) with a mask, so every sequence ends at the same
+        position; training ids are RIGHT-padded (B, U) with labels -100 on padding. pixel_values (sum F, 3, S, S)
+        holds every sample's frames in order, `n_frames` (B,) says how many each has. None if nothing decoded."""
+        kept = [x for x in items if x is not None]
+        if not kept:
+            return None
+        ctx = [x["ctx_ids"] for x in kept]
+        T, U = max(len(c) for c in ctx), max(len(x["ids"]) for x in kept)
+        ctx_ids = torch.full((len(kept), T), self.proc.pad_id)
+        ctx_mask = torch.zeros(len(kept), T, dtype=torch.long)
+        ids = torch.full((len(kept), U), self.proc.pad_id)
+        labels = torch.full((len(kept), U), -100)
+        mask = torch.zeros(len(kept), U, dtype=torch.long)
+        for b, x in enumerate(kept):
+            t, u = len(x["ctx_ids"]), len(x["ids"])
+            ctx_ids[b, T - t:], ctx_mask[b, T - t:] = x["ctx_ids"], 1
+            ids[b, :u], labels[b, :u], mask[b, :u] = x["ids"], x["labels"], 1
+        return {"row_ids": [x["id"] for x in kept], "skipped": len(items) - len(kept),
+                "pixel_values": torch.cat([x["pixel_values"] for x in kept]),
+                "n_frames": torch.tensor([len(x["pixel_values"]) for x in kept]),
+                "ctx_ids": ctx_ids, "ctx_mask": ctx_mask, "input_ids": ids, "attention_mask": mask, "labels": labels}
