@@ -81,13 +81,11 @@ class HyperConfig:
         other = HyperConfig.for_model(model_config, self.targets)
         facts = lambda c: (c.num_layers, c.hidden_size, c.target_shapes)  # noqa: E731
         if facts(other) != facts(self):
-            mine, theirs = _describe(self), _describe(other)
-            raise ValueError(f"hypernetwork was built for {mine} but the base model has {theirs}")
+            raise ValueError(f"hypernetwork was built for {self.describe()} but the base model has {other.describe()}")
 
-
-def _describe(c: HyperConfig) -> str:
-    dims = ", ".join(f"{n} {i}->{o}" for n, i, o in c.target_shapes)
-    return f"L={c.num_layers}, D={c.hidden_size}, {dims}"
+    def describe(self) -> str:
+        return f"L={self.num_layers}, D={self.hidden_size}, " + ", ".join(
+            f"{n} {i}->{o}" for n, i, o in self.target_shapes)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -210,7 +208,11 @@ class HyperNet(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self):
-        """Init of method.md §3.2. Scalers B and bias B start at 0, so the LoRA's dW is exactly 0."""
+        """Init of method.md §3.2. Scalers B and bias B start at 0, so the LoRA's dW is exactly 0.
+
+        Every linear is N(0, 0.02) as the spec says; the authors' pre-head (a plain nn.Module) appears to keep
+        PyTorch's default init instead. Only training from scratch can tell the two apart.
+        """
         c = self.config
         for m in self.modules():
             if isinstance(m, nn.Linear):
@@ -288,14 +290,13 @@ def compile_hypernet(net: HyperNet, enabled: bool | None = None) -> HyperNet:
         enabled = next(net.parameters()).device.type == "cuda"
     if not enabled:
         return net
-    compiled, first = torch.compile(net._perceive), [True]
+    compiled, pending = torch.compile(net._perceive), [True]
 
-    def perceive(h, keep):
-        if not first[0]:
-            return compiled(h, keep)
-        t0, first[0] = time.perf_counter(), False
+    def perceive(h, keep):  # (N, T, D), (N, T) -> (N, n_q, W); times the first call, where compiling happens
+        t0, first, pending[0] = time.perf_counter(), pending[0], False
         out = compiled(h, keep)
-        print(f"hypernet: torch.compile first call (compile + run) took {time.perf_counter() - t0:.1f} s")
+        if first:
+            print(f"hypernet: torch.compile first call (compile + run) took {time.perf_counter() - t0:.1f} s")
         return out
 
     net.perceive = perceive
