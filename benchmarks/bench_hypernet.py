@@ -16,14 +16,11 @@ import sys
 import threading
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 # 500M text backbone (method.md §1): D = 960, L = 32, d_ff = 2560. 64 tokens per frame plus ~130 tokens of
 # chat template, timestamps and instruction, hence T ~ 900 at 12 frames and ~ 4300 at 64.
-SHAPE_500M = dict(hidden_size=960, num_hidden_layers=32, intermediate_size=2560, num_attention_heads=15,
-                  num_key_value_heads=5, head_dim=64)
 FRAMES_TO_T = {12: 900, 64: 4300}
 
 
@@ -37,12 +34,12 @@ def run_case(T: int, layer_chunk: int | None, amp: str | None, threads: int | No
     import torch
 
     from hypernet import HyperConfig, HyperNet
-    from model import TextConfig
+    from model import preset_config
 
     if threads:
         torch.set_num_threads(threads)
     torch.manual_seed(0)
-    net = HyperNet(HyperConfig.for_model(SimpleNamespace(text=TextConfig(**SHAPE_500M)))).eval()
+    net = HyperNet(HyperConfig.for_model(preset_config("500M"))).eval()
     h = torch.randn(1, net.config.num_layers, T, net.config.hidden_size)  # (B, L, T, D)
     mask = torch.ones(1, T, dtype=torch.long)
     base, peak, done = rss_bytes(), [0], threading.Event()

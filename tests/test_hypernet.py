@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from hypernet import HyperConfig, HyperNet, compile_hypernet, load_hypernet, param_breakdown, save_hypernet
+import model as M
 from model import TextConfig, lora_linear
 
 # Small perceiver dims so every test runs in well under a second on 2 cores.
@@ -52,14 +53,16 @@ def test_shapes_tiny_multi_target():
     assert set(net.head) == set(net.scaler_A) == set(net.bias_B) == {"q_proj", "down_proj"}
 
 
-@pytest.mark.parametrize("D,L,I,expect_total,expect", [
+@pytest.mark.parametrize("size,expect_total,expect", [
     # method.md §3.3: ~128.6M (500M) and ~227M (2.2B), with the per-part sizes it lists.
-    (960, 32, 2560, 128.6e6, dict(projection=9.3e6, encoder=51.9e6, decoder=5.8e6, pre_head=2.1e6,
-                                  head=57.7e6, static_lora=1.8e6)),
-    (2048, 24, 8192, 227e6, dict(projection=37.7e6, head=125.8e6, static_lora=3.9e6)),
+    ("500M", 128.6e6, dict(projection=9.3e6, encoder=51.9e6, decoder=5.8e6, pre_head=2.1e6, head=57.7e6,
+                           static_lora=1.8e6)),
+    ("2.2B", 227e6, dict(projection=37.7e6, head=125.8e6, static_lora=3.9e6)),
 ])
-def test_real_shapes_and_parameter_counts_on_meta(D, L, I, expect_total, expect):
-    cfg = HyperConfig.for_model(model_config(L=L, D=D, I=I, heads=D // 64, kv=D // 64, head_dim=64))
+def test_real_shapes_and_parameter_counts_on_meta(size, expect_total, expect):
+    cfg = HyperConfig.for_model(M.preset_config(size))
+    L, D, I = cfg.num_layers, cfg.hidden_size, cfg.target_shapes[0][1]
+    assert (L, D, I) == {"500M": (32, 960, 2560), "2.2B": (24, 2048, 8192)}[size]
     with torch.device("meta"):
         net = HyperNet(cfg)
         A, B = net(torch.empty(1, L, 900, D), torch.ones(1, 900))["down_proj"]
@@ -166,3 +169,21 @@ def test_load_rejects_a_different_base_model(tmp_path, other):
     save_hypernet(tmp_path / "hn.safetensors", tiny())
     with pytest.raises(ValueError, match=r"built for L=3, D=24, down_proj 40->24 but the base model has"):
         load_hypernet(tmp_path / "hn.safetensors", model_config=model_config(**other))
+
+
+def test_end_to_end_with_the_base_model():
+    """Hidden states from model.py in, LoRA back into model.py: at init the logits are bit-identical (§12)."""
+    torch.manual_seed(0)
+    cfg = M.SmolVLMConfig(M.VisionConfig(32, 64, 1, 4, 8, 32),
+                          M.TextConfig(128, 48, 96, 3, 6, 2, 8, 10000.0, 1e-5, 256), image_token_id=100)
+    vlm = M.SmolVLM(cfg).eval()
+    net = HyperNet(HyperConfig.for_model(cfg, targets=("v_proj", "down_proj"), **TINY_PERCEIVER))
+    ids, prompt = torch.randint(0, 100, (2, 9)), torch.randint(0, 100, (2, 5))
+    with torch.no_grad():
+        hidden = torch.stack(vlm(ids, output_hidden_states=True, logits="none").hidden_states, 1)  # (B, L, T, D)
+        lora = net(hidden, torch.ones(2, 9))
+        base = vlm(prompt).logits
+        assert torch.equal(vlm(prompt, lora=lora, lora_alpha=net.config.alpha).logits, base)
+        net.scaler_B["down_proj"].fill_(1.0)
+        changed = vlm(prompt, lora=net(hidden, torch.ones(2, 9)), lora_alpha=net.config.alpha).logits
+    assert not torch.allclose(changed, base, atol=1e-4)
