@@ -349,6 +349,18 @@ class Processor:
         return torch.tensor(head + tail), torch.tensor([-100] * len(head) + tail)
 
 
+def pad_batch(seqs: list, pad_id: int, side: str = "left") -> tuple[torch.Tensor, torch.Tensor]:
+    """Token lists -> ids (B, T) and mask (B, T). Left padding for prompts that are continued (generation, the
+    internalization read-out: every sequence ends at the last column), right padding for teacher forcing."""
+    T = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), T), pad_id)
+    mask = torch.zeros(len(seqs), T, dtype=torch.long)
+    for b, s in enumerate(seqs):
+        cols = slice(T - len(s), T) if side == "left" else slice(0, len(s))
+        ids[b, cols], mask[b, cols] = torch.as_tensor(s), 1
+    return ids, mask
+
+
 # ------------------------------------------------------------------------------------------------------ datasets
 def _warn(msg: str):
     print(f"warning: {msg}", file=sys.stderr)
@@ -414,17 +426,9 @@ class VideoTextDataset(torch.utils.data.Dataset):
         kept = [x for x in items if x is not None]
         if not kept:
             return None
-        ctx = [x["ctx_ids"] for x in kept]
-        T, U = max(len(c) for c in ctx), max(len(x["ids"]) for x in kept)
-        ctx_ids = torch.full((len(kept), T), self.proc.pad_id)
-        ctx_mask = torch.zeros(len(kept), T, dtype=torch.long)
-        ids = torch.full((len(kept), U), self.proc.pad_id)
-        labels = torch.full((len(kept), U), -100)
-        mask = torch.zeros(len(kept), U, dtype=torch.long)
-        for b, x in enumerate(kept):
-            t, u = len(x["ctx_ids"]), len(x["ids"])
-            ctx_ids[b, T - t:], ctx_mask[b, T - t:] = x["ctx_ids"], 1
-            ids[b, :u], labels[b, :u], mask[b, :u] = x["ids"], x["labels"], 1
+        ctx_ids, ctx_mask = pad_batch([x["ctx_ids"] for x in kept], self.proc.pad_id, "left")
+        ids, mask = pad_batch([x["ids"] for x in kept], self.proc.pad_id, "right")
+        labels, _ = pad_batch([x["labels"] for x in kept], -100, "right")
         return {"row_ids": [x["id"] for x in kept], "skipped": len(items) - len(kept),
                 "pixel_values": torch.cat([x["pixel_values"] for x in kept]),
                 "n_frames": torch.tensor([len(x["pixel_values"]) for x in kept]),
