@@ -280,6 +280,19 @@ class HyperNet(nn.Module):
         return out
 
 
+def internalize(vlm, net: HyperNet, input_ids, attention_mask=None, pixel_values=None, layer_chunk=None) -> dict:
+    """method.md §2 + §3: the frozen VLM reads [video + instruction] with *no* LoRA, and the hypernetwork turns the
+    residual streams entering its L layers into one adapter per sample. Returns what `vlm.forward(lora=...)` takes.
+
+    Only the VLM pass is under no_grad: in training, gradients flow through the hypernetwork (never into the VLM).
+    """
+    with torch.no_grad():
+        out = vlm(input_ids, pixel_values, attention_mask, output_hidden_states=True, logits="none")
+    hidden = torch.stack(out.hidden_states, dim=1)  # L x (B, T, D) -> (B, L, T, D)
+    mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
+    return net(hidden, mask, layer_chunk=layer_chunk)
+
+
 def compile_hypernet(net: HyperNet, enabled: bool | None = None) -> HyperNet:
     """torch.compile the perceiver (the heavy part) in place; default on for CUDA, off on CPU.
 
