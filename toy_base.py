@@ -1,0 +1,203 @@
+"""Train the toy world's base VLM from scratch, with the video in context, and save it in the Hugging Face layout.
+
+    python toyworld.py clips --split train --n 1500 --out data/toy/train
+    python toyworld.py clips --split heldout --n 300 --out data/toy/heldout
+    python toy_base.py --train data/toy/train/manifest.jsonl --val data/toy/heldout/manifest.jsonl
+
+The model is a SmolVLM2 in miniature (SigLIP tower, pixel-shuffle connector, Llama decoder; toyworld.md) and the
+folder it writes (config.json, model.safetensors, tokenizer.json, processor configs) is laid out exactly like a
+released checkpoint: model.load_model, data.Processor and transformers' SmolVLMForConditionalGeneration all read
+it, and no later stage special-cases it. It learns every question kind and the caption from in-context clips.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+import data
+import model as M
+import toyworld
+
+
+def toy_config(vocab_size: int, image_token_id: int) -> M.SmolVLMConfig:
+    """64 px frames, 8 px patches, pixel shuffle 4: 4 tokens per frame; a 4-layer, 128-wide Llama decoder."""
+    vision = M.VisionConfig(hidden_size=96, intermediate_size=192, num_hidden_layers=2, num_attention_heads=4,
+                            patch_size=8, image_size=64)
+    text = M.TextConfig(vocab_size=vocab_size, hidden_size=128, intermediate_size=384, num_hidden_layers=4,
+                        num_attention_heads=4, num_key_value_heads=2, head_dim=32, rope_theta=100000.0,
+                        rms_norm_eps=1e-5, max_position_embeddings=2048)
+    return M.SmolVLMConfig(vision, text, scale_factor=4, image_token_id=image_token_id)
+
+
+def write_model_dir(out: Path, config: M.SmolVLMConfig, tokenizer, state: dict[str, torch.Tensor], max_frames=12):
+    """Everything a released SmolVLM2 folder holds that our loader and transformers read, written atomically."""
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    tok = lambda t: tokenizer.token_to_id(t)  # noqa: E731
+    side = config.vision.image_size
+    files = {
+        "config.json": config.to_hf_dict(),
+        "generation_config.json": {"bos_token_id": tok("<|im_start|>"), "eos_token_id": tok("<end_of_utterance>"),
+                                   "pad_token_id": tok("<|im_end|>")},
+        "processor_config.json": {"image_seq_len": config.image_seq_len, "processor_class": "SmolVLMProcessor"},
+        "preprocessor_config.json": {
+            "do_convert_rgb": True, "do_resize": True, "do_rescale": True, "do_normalize": True,
+            "do_image_splitting": False, "image_mean": [0.5] * 3, "image_std": [0.5] * 3,
+            "rescale_factor": 1 / 255, "resample": 1, "size": {"longest_edge": side},
+            "max_image_size": {"longest_edge": side}, "image_processor_type": "SmolVLMImageProcessor",
+            "processor_class": "SmolVLMProcessor",
+            "video_sampling": {"fps": 1, "max_frames": max_frames, "video_size": {"longest_edge": side}}},
+        "tokenizer_config.json": {"bos_token": "<|im_start|>", "eos_token": "<end_of_utterance>",
+                                  "pad_token": "<|im_end|>", "unk_token": "<|endoftext|>",
+                                  "model_max_length": config.text.max_position_embeddings,
+                                  "tokenizer_class": "PreTrainedTokenizerFast",
+                                  "clean_up_tokenization_spaces": False},
+    }
+    for name, obj in files.items():
+        (tmp / name).write_text(json.dumps(obj, indent=2) + "\n")
+    tokenizer.save(str(tmp / "tokenizer.json"))
+    save_file({k: v.detach().contiguous() for k, v in state.items()}, tmp / "model.safetensors",
+              metadata={"format": "pt"})
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+
+
+def init_weights(net: torch.nn.Module, std: float = 0.02):
+    """transformers' init: N(0, std) linears and embeddings, zero biases; norms stay at one."""
+    for m in net.modules():
+        if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d, torch.nn.Embedding)):
+            torch.nn.init.normal_(m.weight, std=std)
+            if getattr(m, "bias", None) is not None:
+                torch.nn.init.zeros_(m.bias)
+
+
+def load_examples(manifest, proc: data.Processor, limit: int | None = None) -> list[dict]:
+    """One example per manifest row: in-context prompt + " answer<end_of_utterance>", labels on the answer only.
+    Each clip is decoded once and its frames shared by all of its questions."""
+    rows, _ = data.read_manifest(manifest)
+    clips, out = {}, []
+    for row in tqdm(rows, desc=f"loading {Path(manifest).parent.name}", unit="row", leave=False):
+        if row["video_path"] not in clips:
+            if limit is not None and len(clips) >= limit:
+                break
+            clips[row["video_path"]] = proc.load_video(row["video_path"])
+        clip = clips[row["video_path"]]
+        head, pixels = proc.question_inputs(row["prompt"], video=clip)
+        tail = proc.encode(" " + row["target_text"] + "<end_of_utterance>")
+        out.append({"head": head[0].tolist(), "tail": tail, "pixels": pixels, "row": row})
+    return out
+
+
+def batch_loss(net: M.SmolVLM, batch: list[dict], pad_id: int) -> torch.Tensor:
+    """Teacher-forced cross-entropy on the answer tokens, averaged over all of them."""
+    seqs = [ex["head"] + ex["tail"] for ex in batch]
+    ids, mask = data.pad_batch(seqs, pad_id, side="right")
+    labels, _ = data.pad_batch([[-100] * len(ex["head"]) + ex["tail"] for ex in batch], -100, side="right")
+    logits = net(ids, torch.cat([ex["pixels"] for ex in batch]), mask).logits  # (B, T, V)
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten())
+
+
+@torch.no_grad()
+def answer(net: M.SmolVLM, proc: data.Processor, examples: list[dict], max_new_tokens=24, batch=32) -> list[str]:
+    """Greedy answers with the video in context (left-padded batches)."""
+    net.eval()
+    texts = []
+    for i in range(0, len(examples), batch):
+        chunk = examples[i:i + batch]
+        ids, mask = data.pad_batch([ex["head"] for ex in chunk], proc.pad_id, side="left")
+        out = M.generate(net, ids, mask, torch.cat([ex["pixels"] for ex in chunk]),
+                         max_new_tokens=max_new_tokens, eos_token_id=proc.eou_id)
+        texts += [proc.decode(t).strip() for t in out]
+    return texts
+
+
+def accuracy(net, proc, examples) -> dict[str, float]:
+    """Per question kind: first word for one-word answers, the whole sentence for captions (toyworld.score)."""
+    hits: dict[str, list[bool]] = {}
+    for ex, text in zip(examples, answer(net, proc, examples)):
+        hits.setdefault(ex["row"]["kind"], []).append(toyworld.score(text, ex["row"]["target_text"]))
+    acc = {k: sum(v) / len(v) for k, v in sorted(hits.items())}
+    acc["overall"] = sum(sum(v) for v in hits.values()) / sum(len(v) for v in hits.values())
+    return acc
+
+
+def train(args) -> None:
+    torch.manual_seed(args.seed)
+    random.seed(args.seed)
+    tokenizer = toyworld.toy_tokenizer()
+    config = toy_config(tokenizer.get_vocab_size(), tokenizer.token_to_id("<image>"))
+    # The processor reads the tokenizer and frame geometry from a model folder: write the untrained one first.
+    stage = Path(args.out).with_name(Path(args.out).name + ".init")
+    net = M.SmolVLM(config)
+    init_weights(net)
+    write_model_dir(stage, config, tokenizer, net.state_dict())
+    proc = data.Processor(stage)
+    train_set, val_set = load_examples(args.train, proc), load_examples(args.val, proc, limit=args.val_clips)
+    print(f"{len(train_set)} training examples, {len(val_set)} validation questions; "
+          f"{sum(p.numel() for p in net.parameters()) / 1e6:.2f}M parameters", file=sys.stderr)
+    opt = torch.optim.AdamW(net.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.01)
+    warmup = max(1, args.steps // 20)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, args.steps) / args.steps)))
+    start, bar = time.time(), tqdm(range(args.steps), desc="toy base", unit="step")
+    for step in bar:
+        net.train()
+        loss = batch_loss(net, random.sample(train_set, args.batch), proc.pad_id)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{sched.get_last_lr()[0]:.1e}")
+        if args.minutes and time.time() - start > args.minutes * 60:
+            print(f"time budget of {args.minutes} min reached at step {step + 1}", file=sys.stderr)
+            break
+    minutes = (time.time() - start) / 60
+    acc = accuracy(net, proc, val_set)
+    print(f"trained in {minutes:.1f} min; held-out in-context accuracy: "
+          + ", ".join(f"{k} {v:.3f}" for k, v in acc.items()), file=sys.stderr)
+    write_model_dir(Path(args.out), config, tokenizer, net.state_dict())
+    (Path(args.out) / "training.json").write_text(json.dumps(
+        {"steps": step + 1, "minutes": round(minutes, 2), "heldout_in_context_accuracy": acc,
+         "args": vars(args)}, indent=2) + "\n")
+    shutil.rmtree(stage, ignore_errors=True)
+    print(f"wrote {args.out}", file=sys.stderr)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--train", default="data/toy/train/manifest.jsonl", help="training manifest (toyworld.py clips)")
+    p.add_argument("--val", default="data/toy/heldout/manifest.jsonl", help="held-out manifest for the final score")
+    p.add_argument("--val-clips", type=int, default=100, help="held-out clips scored at the end")
+    p.add_argument("--out", default=str(M.TINY_DIR), help="model folder to write (default: the shipped one)")
+    p.add_argument("--steps", type=int, default=1300)
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--minutes", type=float, default=20.0, help="stop early at this wall-clock budget (0: none)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1,
+                   help="CPU threads; on a busy machine 1 avoids OpenMP threads waiting on each other")
+    args = p.parse_args(argv)
+    for f in (args.train, args.val):
+        if not Path(f).is_file():
+            raise SystemExit(f"error: {f} not found; write clips first with `python toyworld.py clips ...`")
+    torch.set_num_threads(args.threads)
+    train(args)
+
+
+if __name__ == "__main__":
+    main()
