@@ -363,6 +363,15 @@ def toy_tokenizer() -> Tokenizer:
     return build_tokenizer(corpus())
 
 
+# ---------------------------------------------------------------- the shipped example clip
+
+# examples/clip.mp4: two objects, so every question kind has something to ask about.
+EXAMPLE = ClipSpec(width=160, height=120, fps=12, n_frames=48, objects=(
+    ObjectSpec("red", COLORS["red"], "square", 28, 20.0, 20.0, "right", 0.45),
+    ObjectSpec("blue", COLORS["blue"], "circle", 26, 110.0, 30.0, "down", 0.4),
+))
+
+
 # ---------------------------------------------------------------- CLI
 
 
@@ -375,7 +384,14 @@ def main(argv: list[str] | None = None) -> None:
     clips.add_argument("--out", required=True, help="output folder, e.g. data/toy/train")
     clips.add_argument("--two-part", choices=sorted(TWO_PART_MODES), default="mixed",
                        help=f"mixed: about {TWO_PART_P:.0%} two-part clips; always / never: force it")
+    example = sub.add_parser("example", help="write the example clip that ships in examples/")
+    example.add_argument("--out", default="examples/clip.mp4")
     args = parser.parse_args(argv)
+    if args.command == "example":
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        write_clip(EXAMPLE, args.out)
+        print(f"wrote {args.out}: {caption(EXAMPLE)}")
+        return
     if not 1 <= args.n <= SPLIT_SIZE:
         raise SystemExit(f"error: --n must be between 1 and {SPLIT_SIZE}, got {args.n}")
     if Path(args.out).exists() and not Path(args.out).is_dir():
