@@ -1,0 +1,536 @@
+"""Train the Video2LoRA hypernetwork (method.md §6), and write the teacher targets it trains on (§6.2).
+
+    python train.py teacher --size 2.2B --manifest raw.jsonl --out teacher.jsonl
+    python train.py --size 500M --train teacher.jsonl --val val.jsonl --out runs/x
+    torchrun --nproc_per_node 4 train.py --size 500M ...     # DDP; the hypernetwork is the only trained module
+
+One step (method.md §6.3): the frozen VLM reads [video + instruction] under no_grad and hands over every layer's
+hidden states; the hypernetwork turns them into one LoRA per sample; the *same* frozen VLM then reads the text-only
+[prompt][teacher answer] with that LoRA installed and zero visual tokens, and the cross-entropy on the answer
+flows back into the hypernetwork only.
+
+Run folder (--out): log.jsonl (one line per step and per validation), and the checkpoints latest/ and best/:
+    hypernet.safetensors + hypernet.json   weights + HyperConfig (hypernet.load_hypernet(dir) reads these)
+    state.json                             step, metrics, best val CE, the run's arguments, the base model folder
+    trainer.pt                             optimizer, scheduler, RNG: tensors only (torch.load weights_only=True)
+"""
+from __future__ import annotations
+
+import argparse, contextlib, json, math, os, shutil, signal, sys, time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import data
+import model as M
+from hypernet import HyperConfig, HyperNet, compile_hypernet, load_hypernet, save_hypernet
+
+UNABLE = "Unable to determine."  # method.md §6.2: what an empty teacher answer becomes
+
+
+# ------------------------------------------------------------------------------------------------ setup helpers
+def pick_device(name: str, local_rank: int = 0) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(f"cuda:{local_rank}" if name == "cuda" else name)
+
+
+def model_setup(args, device):
+    """Base model + Processor. bf16 weights on CUDA as released (method.md §3.3), fp32 on CPU."""
+    try:
+        model_dir = M.resolve_model_dir(args.size, args.model)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+    if not (Path(model_dir) / "config.json").is_file():
+        raise SystemExit(f"error: no base model at {model_dir} (pass --model DIR, or build the toy base first)")
+    dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32,
+             "bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
+    # The method reads 12 frames resized to a 384-px longest edge on the released models (§2); a model folder of
+    # our own (the toy base) keeps the frame size its processor config names.
+    video_size = args.video_size or (384 if args.model is None and args.size in M.PRESETS else None)
+    proc = data.Processor(model_dir, max_frames=args.frames, video_size=video_size)
+    return M.load_model(model_dir, dtype=dtype, device=device), proc, model_dir
+
+
+def to_device(batch: dict, device) -> dict:
+    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+# ------------------------------------------------------------------------------------------------ distributed
+class Dist:
+    """Rank facts from torchrun's environment; a plain run is rank 0 of 1 and never touches torch.distributed."""
+
+    def __init__(self, device_name: str):
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank, self.local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+        self.device = pick_device(device_name, self.local_rank)
+        if self.world > 1:
+            if self.device.type == "cuda":
+                torch.cuda.set_device(self.device)
+            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+
+    def sum(self, *values: float) -> list[float]:
+        """Sum numbers over ranks (float64, so counts stay exact)."""
+        t = torch.tensor(values, dtype=torch.float64, device=self.device if self.device.type == "cuda" else "cpu")
+        if self.world > 1:
+            dist.all_reduce(t)
+        return t.tolist()
+
+    def barrier(self):
+        if self.world > 1:
+            dist.barrier()
+
+
+class Rows(data.VideoTextDataset):
+    """VideoTextDataset, plus (for the KL term) the teacher's view of the same clip: [user: video, prompt] +
+    generation prompt + the answer, so its logits on the answer line up with the student's."""
+
+    def __init__(self, manifest, proc, teacher_view: bool = False, limit: int | None = None):
+        super().__init__(manifest, proc)
+        self.rows, self.teacher_view = self.rows[:limit], teacher_view
+
+    def __getitem__(self, i: int):
+        if not self.teacher_view:
+            return super().__getitem__(i)
+        row = self.rows[i]
+        try:
+            clip = self.proc.load_video(row["video_path"])  # decoded once, used for both prompts
+        except data.DecodeError as e:
+            print(f"warning: row {row['id']} skipped: {e}", file=sys.stderr)
+            return None
+        ctx_ids, pixels = self.proc.internalization_inputs(clip)
+        ids, labels = self.proc.training_pair(row["prompt"], row["target_text"])
+        head, _ = self.proc.question_inputs(row["prompt"], video=clip)
+        tail = labels[labels != -100]
+        return {"id": row["id"], "pixel_values": pixels, "ctx_ids": ctx_ids[0], "ids": ids, "labels": labels,
+                "t_ids": torch.cat([head[0], tail]), "t_labels": torch.cat([torch.full_like(head[0], -100), tail])}
+
+    def collate(self, items):
+        out = super().collate(items)
+        if out is not None and self.teacher_view:
+            kept = [x for x in items if x is not None]
+            out["t_ids"], out["t_mask"] = data.pad_batch([x["t_ids"] for x in kept], self.proc.pad_id, "right")
+            out["t_labels"], _ = data.pad_batch([x["t_labels"] for x in kept], -100, "right")
+        return out
+
+
+def micro_batches(n_rows: int, start_step: int, args, d: Dist):
+    """This rank's row indices for every micro-batch from `start_step` on.
+
+    The order is a pure function of the step: epoch e is a permutation seeded by (seed, e), and step s takes
+    global positions [s*G, (s+1)*G) with G = batch * world * accum. So a resumed run sees exactly the rows the
+    uninterrupted one would, and rank r of micro-batch m takes the same rows a single process would take there.
+    """
+    perms: dict[int, list[int]] = {}
+
+    def row(p: int) -> int:
+        e = p // n_rows
+        if e not in perms:
+            perms.clear()
+            perms[e] = torch.randperm(n_rows, generator=torch.Generator().manual_seed(args.seed * 100003 + e)).tolist()
+        return perms[e][p % n_rows]
+
+    for s in range(start_step, args.steps):
+        for m in range(args.accum):
+            p0 = (s * args.accum + m) * args.batch * d.world + d.rank * args.batch
+            yield [row(p) for p in range(p0, p0 + args.batch)]
+
+
+# ------------------------------------------------------------------------------------------------ the step
+def response_mean(per_token: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """(B, U-1) per-token values on shifted labels -> (B,) mean over each sample's response tokens."""
+    keep = labels[:, 1:] != -100
+    return (per_token * keep).sum(1) / keep.sum(1).clamp(min=1)
+
+
+def sample_losses(vlm: M.SmolVLM, hyper, batch: dict, layer_chunk=None, kl_temp=None):
+    """Per-sample response CE (B,) and, if kl_temp is set, per-sample KL to the video-in-context teacher (B,)."""
+    with torch.no_grad():
+        # 1. Encode [video + instruction]; keep the L states *entering* each layer (method.md §2).
+        out = vlm(batch["ctx_ids"], batch["pixel_values"], batch["ctx_mask"], output_hidden_states=True,
+                  logits="none")
+        H = torch.stack(out.hidden_states, dim=1)  # L x (B, T, D) -> (B, L, T, D)
+    # 2. One LoRA per sample: {target: (A (B, L, 2r, d_in), B (B, L, 2r, d_out))}; alpha multiplies directly (§4).
+    lora = hyper(H, batch["ctx_mask"], layer_chunk=layer_chunk)
+    alpha = (hyper.module if hasattr(hyper, "module") else hyper).config.alpha
+    # 3. Text only, zero visual tokens: [user: prompt][assistant: teacher answer], right-padded.
+    logits = vlm(batch["input_ids"], attention_mask=batch["attention_mask"], lora=lora, lora_alpha=alpha).logits
+    labels = batch["labels"]
+    logp = F.log_softmax(logits[:, :-1].float(), dim=-1)  # (B, U-1, V), fp32 as in §6.2
+    ce = -logp.gather(-1, labels[:, 1:].clamp(min=0)[..., None])[..., 0]  # (B, U-1)
+    kl = None
+    if kl_temp is not None:
+        with torch.no_grad():  # the same frozen model as teacher, with the video in context
+            t_logits = vlm(batch["t_ids"], batch["pixel_values"], batch["t_mask"]).logits[:, :-1].float()
+        # Both sequences end in the same answer tokens, so the labelled positions pair up one to one, in order.
+        s, t = logp[labels[:, 1:] != -100], t_logits[batch["t_labels"][:, 1:] != -100]  # (N, V) each
+        tau = kl_temp
+        tok = F.kl_div(F.log_softmax(s / tau, -1), F.log_softmax(t / tau, -1), log_target=True,
+                       reduction="none").sum(-1) * tau**2  # (N,), scaled by tau^2 as usual
+        per_token = torch.zeros_like(ce)
+        per_token[labels[:, 1:] != -100] = tok
+        kl = response_mean(per_token, labels)
+    return response_mean(ce, labels), kl
+
+
+def train_step(vlm, hyper, loader_iter, opt, sched, args, d: Dist) -> dict:
+    """One optimizer step over `accum` micro-batches on every rank; returns the step's global metrics.
+
+    The gradient is that of mean_m[(1/N_m) * sum of per-sample losses of micro-batch m over all ranks], which with
+    nothing skipped is exactly what one process holding the whole global batch computes. A micro-batch in which
+    some rank has nothing that decodes is skipped by all ranks alike (DDP needs every rank in every backward).
+    """
+    opt.zero_grad(set_to_none=True)
+    ce_sum = kl_sum = n_local = 0.0
+    skipped, synced = 0, False
+    for m in range(args.accum):
+        batch = next(loader_iter)
+        n = 0 if batch is None else len(batch["row_ids"])
+        n_all, failed, empty_ranks = d.sum(n, args.batch - n, n == 0)  # one all-reduce for all three
+        if empty_ranks:
+            skipped += args.batch * d.world
+            continue
+        skipped += int(failed)
+        last = m == args.accum - 1
+        sync = contextlib.nullcontext() if (last or d.world == 1) else hyper.no_sync()
+        with sync:
+            ce, kl = sample_losses(vlm, hyper, to_device(batch, d.device), args.layer_chunk,
+                                   args.kl_temp if args.kl_weight > 0 else None)
+            loss = ce if kl is None else ce + args.kl_weight * kl
+            # DDP averages gradients over ranks, hence * world; / (N_m * accum) makes it a mean over the step.
+            (loss.sum() * d.world / (n_all * args.accum)).backward()
+        synced |= last
+        ce_sum, n_local = ce_sum + ce.detach().sum().item(), n_local + n
+        kl_sum += 0.0 if kl is None else kl.detach().sum().item()
+    params = [p for p in hyper.parameters() if p.grad is not None]
+    if d.world > 1 and not synced and params:  # the last micro-batch was skipped: average by hand
+        for p in params:
+            dist.all_reduce(p.grad)
+            p.grad /= d.world
+    grad_norm = torch.nn.utils.clip_grad_norm_(hyper.parameters(), args.clip).item() if params else 0.0
+    lr = sched.get_last_lr()[0]
+    opt.step()
+    sched.step()
+    ce_sum, kl_sum, n = d.sum(ce_sum, kl_sum, n_local)
+    return {"ce": ce_sum / max(n, 1), "kl": kl_sum / max(n, 1), "lr": lr, "grad_norm": grad_norm,
+            "samples": int(n), "skipped": skipped}
+
+
+@torch.no_grad()
+def validate(vlm, net: HyperNet, val: Rows, args, d: Dist) -> float:
+    """Mean per-sample response CE over the validation rows (sharded over ranks, summed back)."""
+    net.eval()
+    mine = list(range(d.rank, len(val), d.world))
+    ce_sum = n = 0.0
+    for i in range(0, len(mine), args.batch):
+        batch = val.collate([val[j] for j in mine[i:i + args.batch]])
+        if batch is not None:
+            ce, _ = sample_losses(vlm, net, to_device(batch, d.device), args.layer_chunk)
+            ce_sum, n = ce_sum + ce.sum().item(), n + len(ce)
+    net.train()
+    ce_sum, n = d.sum(ce_sum, n)
+    return ce_sum / max(n, 1)
+
+
+# ------------------------------------------------------------------------------------------------ checkpoints
+def save_checkpoint(run: Path, name: str, net: HyperNet, state: dict, opt=None, sched=None) -> Path:
+    """Write run/name atomically: everything goes to name.tmp, then two renames swap it in (a crash between
+    them leaves name.old, which --resume also accepts). `best` holds no optimizer state, only the weights."""
+    tmp, final, old = run / f"{name}.tmp", run / name, run / f"{name}.old"
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_hypernet(tmp, net)
+    if opt is not None:
+        rng = {"cpu": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.stack([s for s in torch.cuda.get_rng_state_all()])
+        torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng": rng}, tmp / "trainer.pt")
+    (tmp / "state.json").write_text(json.dumps(state, indent=2) + "\n")
+    if final.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def latest_checkpoint(run: Path) -> Path | None:
+    for name in ("latest", "latest.old"):
+        if (run / name / "state.json").is_file():
+            return run / name
+    return None
+
+
+def restore_trainer(ckpt: Path, opt, sched):
+    t = torch.load(ckpt / "trainer.pt", map_location="cpu", weights_only=True)  # tensors only, never a pickle
+    opt.load_state_dict(t["optimizer"])
+    sched.load_state_dict(t["scheduler"])
+    torch.set_rng_state(t["rng"]["cpu"])
+    if "cuda" in t["rng"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(list(t["rng"]["cuda"]))
+
+
+def cosine_with_warmup(steps: int, warmup_frac: float):
+    """LR factor: linear warm-up over warmup_frac of the steps, then cosine to 0 (method.md §6.3)."""
+    warm = max(1, round(warmup_frac * steps))
+    return lambda s: (s + 1) / warm if s < warm else 0.5 * (1 + math.cos(math.pi * (s - warm) / max(1, steps - warm)))
+
+
+class StopFlag:
+    """Ctrl-C or SIGTERM ask for a stop at the end of the current step (then latest is saved); a second Ctrl-C
+    interrupts at once. Handlers are restored on exit, so calling main() from Python leaves no trace."""
+
+    def __init__(self):
+        self.set, self.old = False, {}
+
+    def _handle(self, signum, frame):
+        if self.set and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.set = True
+        print(f"\n{signal.Signals(signum).name}: stopping after this step and saving latest", file=sys.stderr)
+
+    def __enter__(self):
+        for s in (signal.SIGINT, signal.SIGTERM):
+            self.old[s] = signal.signal(s, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for s, h in self.old.items():
+            signal.signal(s, h)
+
+
+# ------------------------------------------------------------------------------------------------ the loop
+def hyper_config(args, vlm_config) -> HyperConfig:
+    return HyperConfig.for_model(vlm_config, targets=tuple(args.targets), latent_size=args.latent_size,
+                                 n_latents=args.latents, num_blocks=args.blocks, n_heads=args.heads,
+                                 head_dim=args.head_dim, n_kv_heads=args.kv_heads, rank=args.rank, alpha=args.alpha)
+
+
+def train(args) -> dict:
+    d = Dist(args.device)
+    torch.manual_seed(args.seed)
+    vlm, proc, model_dir = model_setup(args, d.device)
+    run, say = Path(args.out), (print if d.rank == 0 else (lambda *a, **k: None))
+    train_set = Rows(args.train, proc, teacher_view=args.kl_weight > 0)
+    val_set = Rows(args.val, proc, limit=args.val_rows) if args.val else None
+    say(f"device {d.device} x {d.world}, base {model_dir}; {train_set.summary()}", file=sys.stderr)
+    ckpt = latest_checkpoint(run) if args.resume else None
+    if ckpt is not None:
+        net, state = load_hypernet(ckpt, vlm.config, d.device), json.loads((ckpt / "state.json").read_text())
+    else:
+        net, state = HyperNet(hyper_config(args, vlm.config)).to(d.device), {"step": 0, "best_val_ce": None}
+    opt = torch.optim.AdamW(net.parameters(), lr=args.lr, betas=(0.9, 0.999), weight_decay=args.wd)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine_with_warmup(args.steps, args.warmup))
+    if ckpt is not None:
+        restore_trainer(ckpt, opt, sched)
+        say(f"resumed {ckpt} at step {state['step']}", file=sys.stderr)
+    compile_hypernet(net, {"auto": None, "on": True, "off": False}[args.compile])
+    hyper = torch.nn.parallel.DistributedDataParallel(net) if d.world > 1 else net
+    start = state["step"]
+    loader = iter(torch.utils.data.DataLoader(train_set, batch_sampler=micro_batches(len(train_set), start, args, d),
+                                              collate_fn=train_set.collate, num_workers=args.workers))
+    if d.rank == 0:
+        run.mkdir(parents=True, exist_ok=True)
+        trim_log(run / "log.jsonl", start)  # a crash may have logged steps after the checkpoint: they re-run
+    log = open(run / "log.jsonl", "a") if d.rank == 0 else None
+    bar = tqdm(total=args.steps, initial=start, desc="train", unit="step", disable=d.rank != 0, dynamic_ncols=True)
+    skipped = state.get("skipped", 0)
+    with StopFlag() as stop:
+        for step in range(start + 1, args.steps + 1):
+            t0 = time.time()
+            m = train_step(vlm, hyper, loader, opt, sched, args, d)
+            skipped += m["skipped"]
+            m = {"step": step, "loss": m["ce"] + args.kl_weight * m["kl"], **m,
+                 "samples_per_s": m["samples"] / (time.time() - t0), "time": time.time()}
+            state.update(step=step, skipped=skipped, train=m)
+            if d.rank == 0:
+                log.write(json.dumps(m) + "\n")
+                log.flush()
+                bar.set_postfix(loss=f"{m['loss']:.4f}", lr=f"{m['lr']:.2e}", sps=f"{m['samples_per_s']:.1f}")
+                bar.update(1)
+            if val_set is not None and (step % args.val_every == 0 or step == args.steps):
+                state["val_ce"] = validate(vlm, net, val_set, args, d)
+                say(f"\nstep {step}: val CE {state['val_ce']:.4f}", file=sys.stderr)
+                if d.rank == 0:
+                    log.write(json.dumps({"step": step, "val_ce": state["val_ce"], "time": time.time()}) + "\n")
+                    if state["best_val_ce"] is None or state["val_ce"] < state["best_val_ce"]:
+                        state["best_val_ce"] = state["val_ce"]
+                        save_checkpoint(run, "best", net, {**state, "args": vars(args), "base_model": str(model_dir)})
+            stopping = bool(d.sum(stop.set)[0]) or step == args.stop_at
+            if stopping or step % args.save_every == 0 or step == args.steps:
+                if d.rank == 0:
+                    save_checkpoint(run, "latest", net, {**state, "args": vars(args), "base_model": str(model_dir)},
+                                    opt, sched)
+                d.barrier()
+            if stopping:
+                break
+    bar.close()
+    if log is not None:
+        log.close()
+    say(f"step {state['step']}: {skipped} rows skipped (video failed to decode); checkpoints in {run}", file=sys.stderr)
+    if d.world > 1:
+        dist.destroy_process_group()
+    return state
+
+
+def trim_log(path: Path, step: int):
+    """Drop log lines of steps after `step` (rewritten atomically), so a resumed run's log has no duplicates."""
+    if not path.is_file():
+        return
+    keep = [ln for ln in path.read_text().splitlines(keepends=True) if ln.endswith("\n")
+            and json.loads(ln).get("step", 0) <= step]
+    Path(str(path) + ".tmp").write_text("".join(keep))
+    os.replace(str(path) + ".tmp", path)
+
+
+# ------------------------------------------------------------------------------------------------ teacher targets
+def finished_ids(out: Path) -> set[str]:
+    """Ids already in the output manifest. A line cut short by a crash is removed (it was never finished)."""
+    if not out.is_file():
+        return set()
+    raw = out.read_bytes()
+    good = raw[: raw.rfind(b"\n") + 1]  # everything up to the last complete line
+    if len(good) != len(raw):
+        with open(out, "r+b") as f:
+            f.truncate(len(good))
+    return {json.loads(ln)["id"] for ln in good.decode().splitlines() if ln.strip()}
+
+
+def teacher(args):
+    """method.md §6.2: the frozen VLM answers each row's prompt with the video in context (greedy, left-padded
+    batches); its answer replaces target_text. Appends one batch at a time (flush + fsync), so a rerun resumes
+    after the last finished row and never rewrites one."""
+    device = pick_device(args.device)
+    vlm, proc, model_dir = model_setup(args, device)
+    rows, malformed = data.read_manifest(args.manifest)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    done = finished_ids(out)
+    todo = [r for r in rows if r["id"] not in done]
+    print(f"teacher {model_dir} on {device}: {len(done)} rows done, {len(todo)} to go", file=sys.stderr)
+    skipped = 0
+    with open(out, "a") as f, tqdm(total=len(todo), desc="teacher", unit="row") as bar:
+        for i in range(0, len(todo), args.batch):
+            kept, prompts, pixels = [], [], []
+            for row in todo[i:i + args.batch]:
+                try:
+                    ids, px = proc.question_inputs(row["prompt"], video=proc.load_video(row["video_path"]))
+                except data.DecodeError as e:
+                    print(f"warning: row {row['id']} skipped: {e}", file=sys.stderr)
+                    skipped += 1
+                    continue
+                kept.append(row), prompts.append(ids[0].tolist()), pixels.append(px)
+            if kept:
+                ids, mask = data.pad_batch(prompts, proc.pad_id, "left")
+                answers = M.generate(vlm, ids.to(device), mask.to(device), torch.cat(pixels).to(device),
+                                     max_new_tokens=args.max_new_tokens, eos_token_id=proc.eou_id)
+                lines = []
+                for row, a in zip(kept, answers):
+                    # Paths are written relative to the output's folder, where read_manifest resolves them.
+                    rel = os.path.relpath(Path(row["video_path"]).resolve(), out.parent.resolve())
+                    lines.append(json.dumps({**row, "video_path": rel, "source_target_text": row["target_text"],
+                                             "target_text": proc.decode(a).strip() or UNABLE}) + "\n")
+                f.write("".join(lines))
+                f.flush()
+                os.fsync(f.fileno())
+            bar.update(len(todo[i:i + args.batch]))
+    print(f"wrote {out}: {len(done) + len(todo) - skipped} rows; skipped {skipped} undecodable videos, "
+          f"{malformed} malformed lines", file=sys.stderr)
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+def add_model_args(p):
+    p.add_argument("--size", default=None, help="base model preset: tiny, 256M, 500M, 2.2B (default tiny)")
+    p.add_argument("--model", default=None, help="a SmolVLM2 folder (config.json + safetensors); overrides --size")
+    p.add_argument("--frames", type=int, default=12, help="frames per video (method: 12)")
+    p.add_argument("--video-size", type=int, default=None,
+                   help="longest edge frames are resized to (default: 384 for released sizes, else the model's)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda (under torchrun: cuda:LOCAL_RANK)")
+    p.add_argument("--dtype", choices=["auto", "bf16", "fp32"], default="auto",
+                   help="base model weights (auto: bf16 on CUDA, fp32 on CPU); the hypernetwork stays fp32")
+
+
+def train_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_args(p)
+    p.add_argument("--train", help="training manifest (JSONL: id, video_path, prompt, target_text)")
+    p.add_argument("--val", help="validation manifest; best/ keeps the lowest validation CE")
+    p.add_argument("--out", required=True, help="run folder for log.jsonl, latest/ and best/")
+    p.add_argument("--resume", action="store_true", help="continue --out from latest/ with the run's saved arguments")
+    g = p.add_argument_group("optimisation (method.md §6.3)")
+    g.add_argument("--steps", type=int, default=60000, help="optimizer steps (sets the cosine schedule)")
+    g.add_argument("--batch", type=int, default=2, help="samples per device per micro-batch")
+    g.add_argument("--accum", type=int, default=8, help="micro-batches per step (x batch x GPUs = global batch)")
+    g.add_argument("--lr", type=float, default=1e-4)
+    g.add_argument("--wd", type=float, default=0.01, help="AdamW weight decay, on all parameters")
+    g.add_argument("--warmup", type=float, default=0.03, help="warm-up fraction of --steps")
+    g.add_argument("--clip", type=float, default=1.0, help="gradient-norm clip")
+    g.add_argument("--kl-weight", type=float, default=0.0, help="KL to the video-in-context teacher (paper: off)")
+    g.add_argument("--kl-temp", type=float, default=1.0, help="KL temperature (loss scaled by its square)")
+    g.add_argument("--seed", type=int, default=0, help="init and data order")
+    g = p.add_argument_group("running")
+    g.add_argument("--val-every", type=int, default=1000, help="validate every N steps (and at the end)")
+    g.add_argument("--val-rows", type=int, default=1024, help="validation rows used (method: val_core, 1024)")
+    g.add_argument("--save-every", type=int, default=1000, help="write latest/ every N steps (and at the end)")
+    g.add_argument("--stop-at", type=int, default=None, help="stop after this step, keeping the --steps schedule "
+                                                            "(for time-sliced jobs; continue with --resume)")
+    g.add_argument("--workers", type=int, default=2, help="DataLoader processes decoding videos")
+    g.add_argument("--layer-chunk", type=int, default=None, help="hypernet layers per chunk (less memory)")
+    g.add_argument("--compile", choices=["auto", "on", "off"], default="auto", help="torch.compile the perceiver "
+                                                                                     "(auto: on CUDA)")
+    g = p.add_argument_group("hypernetwork (defaults: the released one, method.md §3.1)")
+    g.add_argument("--targets", nargs="+", default=["down_proj"], choices=list(M.LORA_TARGETS))
+    g.add_argument("--latent-size", type=int, default=512)
+    g.add_argument("--latents", type=int, default=8)
+    g.add_argument("--blocks", type=int, default=9)
+    g.add_argument("--heads", type=int, default=16)
+    g.add_argument("--head-dim", type=int, default=128)
+    g.add_argument("--kv-heads", type=int, default=4)
+    g.add_argument("--rank", type=int, default=16)
+    g.add_argument("--alpha", type=float, default=128.0, help="LoRA multiplier, used directly (not alpha/r)")
+    return p
+
+
+def teacher_main(argv):
+    p = argparse.ArgumentParser(prog="train.py teacher", description=teacher.__doc__)
+    add_model_args(p)
+    p.add_argument("--manifest", required=True, help="input manifest (its target_text is replaced)")
+    p.add_argument("--out", required=True, help="output manifest; rerun the same command to resume")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    args = p.parse_args(argv)
+    if not Path(args.manifest).is_file():
+        raise SystemExit(f"error: manifest {args.manifest} not found")
+    teacher(args)
+
+
+def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["teacher"]:
+        return teacher_main(argv[1:])
+    argv = argv[1:] if argv[:1] == ["train"] else argv
+    p = train_parser()
+    args = p.parse_args(argv)
+    run = Path(args.out)
+    ckpt = latest_checkpoint(run)
+    if args.resume:
+        if ckpt is None:
+            raise SystemExit(f"error: nothing to resume in {run} (no latest/ checkpoint)")
+        # The saved arguments become the defaults, so only what is given again on the command line changes.
+        saved = json.loads((ckpt / "state.json").read_text())["args"]
+        saved.pop("stop_at", None)
+        p.set_defaults(**saved)
+        args = p.parse_args(argv)
+    elif ckpt is not None:
+        raise SystemExit(f"error: {run} already holds a run; pass --resume to continue it or choose another --out")
+    for name in ("train", "val"):
+        f = getattr(args, name)
+        if (name == "train" and f is None) or (f is not None and not Path(f).is_file()):
+            raise SystemExit(f"error: --{name} manifest {f} not found")
+    return train(args)
+
+
+if __name__ == "__main__":
+    main()
