@@ -1,0 +1,449 @@
+"""Query time-to-first-token and answer-time input tokens: the video in context vs the adapter vs the text alone.
+
+    python benchmarks/bench_ttft.py                # 500M shape, random weights, 8..64 frames (~15 min on 2 free cores)
+    python benchmarks/bench_ttft.py --quick        # 8 and 16 frames, one frame size, fewer repeats (~2 min)
+    python benchmarks/bench_ttft.py --size tiny    # the toy base + hypernet (random ones until they are trained)
+
+Protocol (method.md §5, §9.4, §11), everything on the same base weights in one process:
+  (a) in context: [video + question], prefilled with the frames' pixels, then the first token;
+  (b) adapter: the text-only question with the video's LoRA passed to forward (zero visual tokens), and the
+      same LoRA merged into the weights (W + alpha B^T A), the batch-1 way to answer;
+  (c) text alone: the same text-only question, no LoRA.
+TTFT = prefill + first token with the inputs ready (ids and pixels in memory): from the call to `generate` to its
+first `on_token`, synchronised on CUDA, the median over repeats (round-robin, so a busy machine slows every
+condition alike), warm-up excluded. Internalization, once per video, is split into decode (PyAV + sampling +
+pixels), VLM encode (the hidden states) and hypernetwork. Amortised cost per question over n questions:
+adapter = (decode + encode + hypernet) / n + TTFT(b); in context = decode / n + TTFT(a) (frames decoded once and
+kept: the base's best case short of reusing its KV cache).
+The frame size (the processor's longest edge) changes decoding only: SmolVLM2 never tiles video frames, every
+frame is squashed to the encoder's square, so token counts and the model's inputs do not depend on it.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+import data  # noqa: E402
+import model as M  # noqa: E402
+import toyworld  # noqa: E402
+from hypernet import HyperConfig, HyperNet, load_hypernet  # noqa: E402
+
+QUESTION = "Describe the video."
+MAX_FRAMES = 64  # SmolVLM2's processor default cap (video_sampling.max_frames): asking for more gives 64
+AMORTISE_N = (1, 2, 3, 4, 5, 10, 15, 20, 25)
+TINY_HYPER = dict(latent_size=64, n_latents=4, num_blocks=2, n_heads=4, head_dim=16, n_kv_heads=2)
+
+
+# ------------------------------------------------------------------------------------------------ timing
+def sync(device: torch.device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def ttft(vlm, ids, pixels=None, lora=None, alpha=128.0) -> float:
+    """Seconds from calling `generate` to its first token (prefill + first sampled token)."""
+    stamp = []
+
+    def first(token):  # called once the first token exists: everything before it is the TTFT
+        sync(ids.device)
+        stamp.append(time.perf_counter())
+
+    sync(ids.device)
+    t0 = time.perf_counter()
+    M.generate(vlm, ids, pixel_values=pixels, lora=lora, lora_alpha=alpha, max_new_tokens=1, on_token=first)
+    return stamp[0] - t0
+
+
+def measure(fns: dict, repeats: int, budget_s: float, device) -> dict[str, tuple[float, int]]:
+    """Run every fn round-robin up to `repeats` rounds, stopping after the round that exceeds `budget_s` (so a
+    64-frame prefill on a CPU runs once). fn returns its own seconds or None (then it is timed here).
+    -> {name: (median seconds, rounds)}."""
+    times = {k: [] for k in fns}
+    start = time.perf_counter()
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            sync(device)
+            t0 = time.perf_counter()
+            s = fn()
+            sync(device)
+            times[name].append(s if s is not None else time.perf_counter() - t0)
+        if time.perf_counter() - start > budget_s:
+            break
+    return {k: (statistics.median(v), len(v)) for k, v in times.items()}
+
+
+# ------------------------------------------------------------------------------------------------ the adapter
+def lora_modules(vlm, target: str) -> list[torch.nn.Linear]:
+    """The decoder linear called `target` in every layer, in layer order."""
+    where = "mlp" if target in ("gate_proj", "up_proj", "down_proj") else "self_attn"
+    return [getattr(getattr(layer, where), target) for layer in vlm.model.text_model.layers]
+
+
+@torch.no_grad()
+def merge_lora(vlm, lora: dict, alpha: float) -> list[tuple[torch.nn.Linear, torch.Tensor]]:
+    """Fold a batch-1 LoRA into new weights W' = W + alpha * B^T A (what forward(lora=...) adds, method.md §4),
+    computed in fp32 and cast to W's dtype. Returns (module, merged weight) pairs; `swapped` installs them."""
+    merged = []
+    for target, (A, B) in lora.items():  # A (1, L, r, d_in), B (1, L, r, d_out)
+        if A.shape[0] != 1:
+            raise ValueError("merging needs a batch-1 LoRA: every row of a batch has its own adapter")
+        for layer, lin in enumerate(lora_modules(vlm, target)):
+            delta = B[0, layer].float().T @ A[0, layer].float()  # (d_out, r) @ (r, d_in) -> (d_out, d_in)
+            merged.append((lin, (lin.weight.float() + alpha * delta).to(lin.weight.dtype)))
+    return merged
+
+
+@contextlib.contextmanager
+def swapped(merged: list[tuple[torch.nn.Linear, torch.Tensor]]):
+    """Answer with merged weights inside the block; the base weights are back (the same tensors) after it."""
+    saved = [(lin, lin.weight) for lin, _ in merged]
+    for lin, w in merged:
+        lin.weight = torch.nn.Parameter(w, requires_grad=False)
+    try:
+        yield
+    finally:
+        for lin, w in saved:
+            lin.weight = w
+
+
+# ------------------------------------------------------------------------------------------------ setup
+@dataclass
+class Setup:
+    vlm: M.SmolVLM
+    net: HyperNet
+    proc_dir: Path            # config.json + tokenizer.json for data.Processor
+    label: str                # what the table header says about the weights
+
+    def processor(self, frames: int, size: int) -> data.Processor:
+        return data.Processor(self.proc_dir, max_frames=frames, video_size=size)
+
+    def ids(self, proc: data.Processor, ids: torch.Tensor) -> torch.Tensor:
+        """The toy tokenizer stands in for SmolLM2's when a checkpoint ships none: its <image> id becomes the
+        model's (49190). Every other id is a valid row of the real vocabulary, and <image> is all that splices."""
+        ids = ids.clone()
+        ids[ids == proc.image_token_id] = self.vlm.config.image_token_id
+        return ids.to(self.vlm.model.text_model.embed_tokens.weight.device)
+
+
+def random_vlm(cfg: M.SmolVLMConfig, seed: int) -> M.SmolVLM:
+    """Random weights without a checkpoint (e.g. on a GPU machine): N(0, 0.02) matrices, norms at one."""
+    torch.manual_seed(seed)
+    vlm = M.SmolVLM(cfg)
+    for p in vlm.parameters():
+        if p.dim() > 1:
+            torch.nn.init.normal_(p, std=0.02)
+    return vlm.eval().requires_grad_(False)
+
+
+def write_proc_dir(cfg: M.SmolVLMConfig, path: Path) -> Path:
+    """config.json + the toy tokenizer: enough for data.Processor to build SmolVLM2's real prompt layout with the
+    real tokens per frame. Only the word pieces differ from SmolLM2's BPE (a few text tokens either way)."""
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.json").write_text(json.dumps(cfg.to_hf_dict(), indent=2))
+    toyworld.toy_tokenizer().save(str(path / "tokenizer.json"))
+    return path
+
+
+def random_hypernet(cfg: M.SmolVLMConfig, seed: int, **overrides) -> HyperNet:
+    """A fresh hypernetwork with scaler_B made non-zero, so the LoRA is a real (random) update, not dW = 0."""
+    torch.manual_seed(seed)
+    net = HyperNet(HyperConfig.for_model(cfg, **overrides)).eval().requires_grad_(False)
+    for s in net.scaler_B.values():
+        s.data.fill_(0.01)
+    return net
+
+
+def tiny_setup(workdir: Path, device, dtype, seed: int = 0) -> Setup:
+    """The shipped toy base and hypernet if they exist, else random ones of the toy shape (written once)."""
+    hyper_dir = M.TINY_DIR.parent / "hypernet"
+    if (M.TINY_DIR / "model.safetensors").exists():
+        base, label = M.TINY_DIR, "toy base (checkpoints/tiny/base)"
+    else:
+        import toy_base  # the toy shape and the HF-layout writer
+
+        base, label = workdir / "random-tiny", "toy shape, random weights"
+        if not (base / "model.safetensors").exists():
+            tok = toyworld.toy_tokenizer()
+            cfg = toy_base.toy_config(tok.get_vocab_size(), tok.token_to_id("<image>"))
+            toy_base.write_model_dir(base, cfg, tok, random_vlm(cfg, seed).state_dict())
+    vlm = M.load_model(base, dtype, device)
+    if (hyper_dir / "hypernet.safetensors").exists():
+        net, label = load_hypernet(hyper_dir, vlm.config).eval().requires_grad_(False), label + " + trained hypernet"
+    else:
+        net, label = random_hypernet(vlm.config, seed, **TINY_HYPER), label + " + random hypernet"
+    return Setup(vlm, net.to(device), base, label)
+
+
+def real_setup(size: str, model_dir, workdir: Path, device, dtype, seed: int = 0) -> Setup:
+    """A released shape with random weights: the checkpoint in `model_dir` (bench_model.py writes one to
+    /tmp/v2l-bench/random-500M) if it exists, else built in memory; the hypernetwork at the released config."""
+    cfg = M.preset_config(size)
+    path = Path(model_dir or workdir / f"random-{size}")
+    if (path / "config.json").exists():
+        vlm, label = M.load_model(path, dtype, device), f"{size} shape, random weights ({path})"
+    else:
+        vlm, label = random_vlm(cfg, seed).to(device, dtype), f"{size} shape, random weights (seed {seed})"
+    return Setup(vlm, random_hypernet(vlm.config, seed).to(device), write_proc_dir(vlm.config, workdir / f"proc-{size}"),
+                 label + ", released hypernet config")
+
+
+def long_clip(workdir: Path, width: int, height: int, seconds: int, fps: int = 4) -> Path:
+    """An H.264 clip long enough for MAX_FRAMES at SmolVLM2's 1 frame/s: one shape crossing a black frame."""
+    path = workdir / f"clip-{width}x{height}-{seconds}s-{fps}fps.mp4"
+    if not path.exists():
+        side = min(width, height) // 4
+        obj = toyworld.ObjectSpec("red", (220, 40, 40), "circle", side, 0.0, (height - side) / 2, "right", 0.7)
+        toyworld.write_clip(toyworld.ClipSpec(width, height, fps, seconds * fps, (obj,)), path)
+    return path
+
+
+# ------------------------------------------------------------------------------------------------ one frame count
+def encode(vlm, ids, pixels) -> torch.Tensor:
+    """hypernet.internalize, first half: the plain VLM's residual streams entering its L layers -> (1, L, T, D)."""
+    with torch.no_grad():
+        return torch.stack(vlm(ids, pixels, output_hidden_states=True, logits="none").hidden_states, dim=1)
+
+
+def bench_frames(s: Setup, clip_path: Path, requested: int, args) -> dict:
+    """Every number of the tables for one requested frame count (capped at MAX_FRAMES, as the processor does)."""
+    w = s.vlm.model.text_model.embed_tokens.weight
+    device, dtype = w.device, w.dtype
+    timing = dict(repeats=args.repeats, budget_s=args.budget_s, device=device)
+    held, decode = {}, {}
+    for size in args.sizes:  # decoding is the only step the frame size changes
+        proc = s.processor(min(requested, MAX_FRAMES), size)
+
+        def load(proc=proc, size=size):
+            held[size] = proc.load_video(clip_path)  # (F, 3, S, S) pixels, S the encoder's side whatever `size`
+
+        decode[size] = measure({"decode": load}, **timing)["decode"]
+    shapes = {tuple(torch.stack(held[z].frames).shape) for z in args.sizes}
+    assert len(shapes) == 1, f"frame size changed the model inputs: {shapes}"
+    clip, proc = held[args.sizes[0]], s.processor(min(requested, MAX_FRAMES), args.sizes[0])
+    ctx_ids, pixels = proc.question_inputs(QUESTION, clip)
+    ctx_ids, pixels = s.ids(proc, ctx_ids), pixels.to(device, dtype)
+    int_ids = s.ids(proc, proc.internalization_inputs(clip)[0])
+    txt_ids = s.ids(proc, proc.question_inputs(QUESTION)[0])  # the same for the adapter and the text alone
+
+    def enc():
+        held["hidden"] = encode(s.vlm, int_ids, pixels)
+
+    def hyper():
+        with torch.no_grad():
+            held["lora"] = s.net(held["hidden"], layer_chunk=args.layer_chunk)
+
+    def merge():
+        held["merged"] = merge_lora(s.vlm, held["lora"], s.net.config.alpha)
+
+    def merged_ttft():
+        with swapped(held["merged"]):
+            return ttft(s.vlm, txt_ids)
+
+    heavy = measure({"in_context": lambda: ttft(s.vlm, ctx_ids, pixels), "encode": enc}, **timing)
+    heavy |= measure({"hypernet": hyper}, **timing)
+    del held["hidden"]
+    heavy |= measure({"merge": merge}, **timing)
+    alpha = s.net.config.alpha
+    heavy |= measure({"text": lambda: ttft(s.vlm, txt_ids),
+                      "adapter": lambda: ttft(s.vlm, txt_ids, lora=held["lora"], alpha=alpha),
+                      "merged": merged_ttft}, **timing)
+    return {"requested": requested, "frames": len(clip.frames),
+            "tokens": {"in_context": ctx_ids.shape[1], "adapter": txt_ids.shape[1], "text": txt_ids.shape[1],
+                       "internalize": int_ids.shape[1]},
+            "seconds": {k: v[0] for k, v in heavy.items()} | {f"decode_{z}": decode[z][0] for z in args.sizes},
+            "rounds": {k: v[1] for k, v in heavy.items()} | {f"decode_{z}": decode[z][1] for z in args.sizes}}
+
+
+# ------------------------------------------------------------------------------------------------ report
+def amortised(row: dict, n: int, size: int) -> tuple[float, float]:
+    """Seconds per question over n questions on one video: (adapter, in context)."""
+    s = row["seconds"]
+    decode = s[f"decode_{size}"]
+    return (decode + s["encode"] + s["hypernet"]) / n + s["adapter"], decode / n + s["in_context"]
+
+
+def targets(rows: list[dict]) -> list[str]:
+    """The issue's three checks, each one line starting PASS or FAIL."""
+    ratio = [r["seconds"]["adapter"] / r["seconds"]["text"] for r in rows]
+    merged = [r["seconds"]["merged"] / r["seconds"]["text"] for r in rows]
+    speed = [r["seconds"]["in_context"] / r["seconds"]["adapter"] for r in rows]
+    tokens = {r["tokens"]["adapter"] for r in rows}
+    ok = lambda b: "PASS" if b else "FAIL"  # noqa: E731
+    return [f"{ok(max(ratio) <= 1.10)} adapter TTFT within 10 % of text alone at every frame count "
+            f"(adapter/text {', '.join(f'{x:.2f}' for x in ratio)}; merged/text {', '.join(f'{x:.2f}' for x in merged)})",
+            f"{ok(len(tokens) == 1)} adapter input tokens independent of video length ({sorted(tokens)})",
+            f"{ok(all(b >= a for a, b in zip(speed, speed[1:])))} speedup over in-context grows with frames "
+            f"({', '.join(f'{x:.1f}x' for x in speed)})"]
+
+
+def markdown(rows: list[dict], meta: str, sizes: list[int]) -> str:
+    z = sizes[0]
+    out = [meta, "", "**Answer time** (per question; TTFT = prefill + first token, seconds)", "",
+           "| frames (asked → got) | input tokens: in-context / adapter / text (reduction) | TTFT in-context "
+           "| TTFT adapter | TTFT adapter merged | TTFT text | speedup in-context / adapter | adapter / text |",
+           "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        t, s = r["tokens"], r["seconds"]
+        out.append(f"| {r['requested']} → {r['frames']} | {t['in_context']} / {t['adapter']} / {t['text']} "
+                   f"(**{t['in_context'] / t['adapter']:.0f}×**) | {s['in_context']:.3f} | {s['adapter']:.3f} "
+                   f"| {s['merged']:.3f} | {s['text']:.3f} | **{s['in_context'] / s['adapter']:.1f}×** "
+                   f"| {s['adapter'] / s['text']:.2f} |")
+    out += ["", "**Internalization** (once per video, seconds; decode per processor longest edge)", "",
+            "| frames | tokens read | " + " | ".join(f"decode {x} px" for x in sizes)
+            + " | VLM encode | hypernet | total | merge (optional) |", "|---" * (5 + len(sizes)) + "|"]
+    for r in rows:
+        s = r["seconds"]
+        out.append(f"| {r['frames']} | {r['tokens']['internalize']} | "
+                   + " | ".join(f"{s[f'decode_{x}']:.2f}" for x in sizes)
+                   + f" | {s['encode']:.2f} | {s['hypernet']:.2f} | "
+                   f"{s[f'decode_{z}'] + s['encode'] + s['hypernet']:.2f} | {s['merge']:.3f} |")
+    out += ["", f"**Amortised per question** (seconds, internalization included, decode at {z} px): "
+            "adapter / in-context (ratio)", "",
+            "| questions | " + " | ".join(f"{r['frames']} frames" for r in rows) + " |", "|---" * (1 + len(rows)) + "|"]
+    for n in AMORTISE_N:
+        cells = [amortised(r, n, z) for r in rows]
+        out.append(f"| {n} | " + " | ".join(f"{a:.2f} / {c:.2f} ({c / a:.1f}×)" for a, c in cells) + " |")
+    out += ["", "Timed runs per cell, over the frame counts (the median is reported; fewer runs once a cell "
+            "exceeds the time budget): " + ", ".join(f"{k} {min(r['rounds'][k] for r in rows)}–"
+                                                    f"{max(r['rounds'][k] for r in rows)}" for k in rows[0]["rounds"]),
+            "", "**Targets**", ""] + [f"- {line}" for line in targets(rows)]
+    return "\n".join(out) + "\n"
+
+
+def plots(rows: list[dict], out: Path, title: str, size: int) -> list[Path]:
+    """ttft_vs_frames.png and amortised.png; skipped with a note when matplotlib is missing."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("note: matplotlib not installed, no plots (pip install matplotlib)", file=sys.stderr)
+        return []
+    frames = [r["frames"] for r in rows]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for key, label, style in (("in_context", "(a) video in context", "o-"), ("adapter", "(b) adapter", "s-"),
+                              ("merged", "(b) adapter, merged", "x--"), ("text", "(c) text alone", "^:")):
+        ax.plot(frames, [r["seconds"][key] for r in rows], style, label=label)
+    ax.set(xlabel="frames", ylabel="query TTFT (s)", yscale="log", title=title)
+    ax.legend()
+    fig2, ax2 = plt.subplots(figsize=(6, 4))
+    for i, r in enumerate(rows):
+        pts = [amortised(r, n, size) for n in range(1, 26)]
+        ax2.plot(range(1, 26), [a for a, _ in pts], "-", color=f"C{i}", label=f"adapter, {r['frames']} frames")
+        ax2.plot(range(1, 26), [c for _, c in pts], "--", color=f"C{i}", label=f"in context, {r['frames']} frames")
+    ax2.set(xlabel="questions per video", ylabel="seconds per question", yscale="log",
+            title="amortised cost (internalization included)")
+    ax2.legend(fontsize=7, ncol=2)
+    paths = []
+    for f, name in ((fig, "ttft_vs_frames.png"), (fig2, "amortised.png")):
+        f.tight_layout()
+        f.savefig(out / (name + ".tmp"), format="png", dpi=120)
+        os.replace(out / (name + ".tmp"), out / name)
+        paths.append(out / name)
+    plt.close("all")
+    return paths
+
+
+def write_atomic(path: Path, text: str):
+    path.with_name(path.name + ".tmp").write_text(text)
+    os.replace(path.with_name(path.name + ".tmp"), path)
+
+
+def run(s: Setup, args) -> tuple[list[dict], str]:
+    """Warm up every condition on a 1-frame video (not counted), then sweep the frame counts."""
+    w, h = args.clip
+    clip = long_clip(Path(args.workdir), w, h, seconds=MAX_FRAMES + 4)
+    warm = argparse.Namespace(**{**vars(args), "repeats": 1, "sizes": args.sizes[:1]})
+    t0 = time.perf_counter()
+    bench_frames(s, clip, 1, warm)
+    print(f"warm-up done in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+    rows = []
+    for n in args.frames:
+        t0 = time.perf_counter()
+        rows.append(bench_frames(s, clip, n, args))
+        r = rows[-1]
+        print(f"{n} frames asked, {r['frames']} got: in-context {r['seconds']['in_context']:.3f} s, adapter "
+              f"{r['seconds']['adapter']:.3f} s, text {r['seconds']['text']:.3f} s "
+              f"({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
+    hc = s.net.config
+    w_ = s.vlm.model.text_model.embed_tokens.weight
+    meta = (f"{s.label}; {w_.device.type} {str(w_.dtype).replace('torch.', '')}, {torch.get_num_threads()} threads"
+            f"{', ' + torch.cuda.get_device_name(w_.device) if w_.device.type == 'cuda' else ''}, torch "
+            f"{torch.__version__}; {s.vlm.config.image_seq_len} tokens per frame; hypernet latent {hc.latent_size}, "
+            f"{hc.num_blocks} blocks, rank {hc.rank} (+{hc.rank} static) on {', '.join(hc.targets)}; "
+            f"clip {w}x{h} H.264, {MAX_FRAMES + 4} s at 4 fps; question {QUESTION!r}; "
+            f"up to {args.repeats} timed runs per cell, warm-up excluded.")
+    return rows, meta
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--size", default="500M", choices=["tiny", *M.PRESETS], help="model shape (default 500M)")
+    p.add_argument("--model", help="checkpoint folder for a released shape (default WORKDIR/random-SIZE, "
+                                   "else random weights built in memory)")
+    p.add_argument("--frames", default="8,12,24,48,64", help="frame counts to ask for (capped at 64)")
+    p.add_argument("--sizes", default="384,1024", help="processor longest-edge sizes, px (the first is the main one)")
+    p.add_argument("--clip", default="640x360", help="source clip resolution WxH (H.264, 4 fps)")
+    p.add_argument("--repeats", type=int, default=7, help="timed runs per cell at most")
+    p.add_argument("--budget-s", type=float, default=20.0, help="stop repeating a cell after this many seconds")
+    p.add_argument("--layer-chunk", type=int, default=8, help="hypernet layers per chunk (bounds its memory)")
+    p.add_argument("--device", default="auto", help="cpu, cuda or auto (cuda when present)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16"], help="auto: bf16 on CUDA, else fp32")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--workdir", default="/tmp/v2l-bench", help="where the clip and random checkpoints are cached")
+    p.add_argument("--out", default="results/ttft", help="results folder (Markdown, JSON, PNG)")
+    p.add_argument("--quick", action="store_true", help="8 and 16 frames, one size, 5 runs, 5 s budget")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.frames, args.sizes, args.repeats, args.budget_s = "8,16", args.sizes.split(",")[0], 5, 5.0
+    try:
+        args.frames = [int(x) for x in args.frames.split(",")]
+        args.sizes = [int(x) for x in str(args.sizes).split(",")]
+        args.clip = tuple(int(x) for x in args.clip.lower().split("x"))
+    except ValueError:
+        raise SystemExit("error: --frames and --sizes take comma-separated integers, --clip WxH (e.g. 640x360)")
+    if min(args.frames) < 1 or min(args.sizes) < 16 or len(args.clip) != 2 or args.repeats < 1:
+        raise SystemExit("error: frames and repeats must be >= 1, sizes >= 16 px, --clip WxH")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          "cpu" if args.device == "auto" else args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("error: --device cuda but no CUDA device is available")
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16,
+             "auto": torch.bfloat16 if device.type == "cuda" else torch.float32}[args.dtype]
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(f"device {device}, dtype {dtype}, {torch.get_num_threads()} threads", file=sys.stderr)
+    workdir = Path(args.workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    s = tiny_setup(workdir, device, dtype) if args.size == "tiny" else \
+        real_setup(args.size, args.model, workdir, device, dtype)
+    rows, meta = run(s, args)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    table = markdown(rows, meta, args.sizes)
+    write_atomic(out / "results.md", table)
+    write_atomic(out / "results.json", json.dumps({"meta": meta, "args": {k: v for k, v in vars(args).items()},
+                                                   "rows": rows}, indent=2))
+    pngs = plots(rows, out, f"{args.size}, {device.type}", args.sizes[0])
+    print("\n" + table)
+    print(f"wrote {out / 'results.md'}, results.json" + "".join(f", {p.name}" for p in pngs), file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
