@@ -179,32 +179,37 @@ def sample_losses(vlm: M.SmolVLM, hyper, batch: dict, layer_chunk=None, kl_temp=
 def train_step(vlm, hyper, loader_iter, opt, sched, args, d: Dist) -> dict:
     """One optimizer step over `accum` micro-batches on every rank; returns the step's global metrics.
 
-    The gradient is that of mean_m[(1/N_m) * sum of per-sample losses of micro-batch m over all ranks], which with
-    nothing skipped is exactly what one process holding the whole global batch computes. A micro-batch in which
-    some rank has nothing that decodes is skipped by all ranks alike (DDP needs every rank in every backward).
+    The gradient is that of mean_m[(1/N_m) * sum of per-sample losses of micro-batch m over all ranks], which is
+    exactly what one process holding the whole global batch computes, skipped rows included: rows whose video
+    fails to decode drop out of N_m on every rank alike. A rank left with nothing still joins DDP's gradient
+    all-reduce with a zero-weight pass; a micro-batch with nothing on any rank is skipped by all.
     """
     opt.zero_grad(set_to_none=True)
+    net = hyper.module if d.world > 1 else hyper
     ce_sum = kl_sum = n_local = 0.0
     skipped, synced = 0, False
     for m in range(args.accum):
         batch = next(loader_iter)
         n = 0 if batch is None else len(batch["row_ids"])
-        n_all, failed, empty_ranks = d.sum(n, args.batch - n, n == 0)  # one all-reduce for all three
-        if empty_ranks:
-            skipped += args.batch * d.world
-            continue
+        n_all, failed = d.sum(n, args.batch - n)  # one all-reduce for both
         skipped += int(failed)
+        if n_all == 0:
+            continue
         last = m == args.accum - 1
-        sync = contextlib.nullcontext() if (last or d.world == 1) else hyper.no_sync()
-        with sync:
-            ce, kl = sample_losses(vlm, hyper, to_device(batch, d.device), args.layer_chunk,
-                                   args.kl_temp if args.kl_weight > 0 else None)
-            loss = ce if kl is None else ce + args.kl_weight * kl
+        with contextlib.nullcontext() if (last or d.world == 1) else hyper.no_sync():
+            if n == 0:
+                c = net.config
+                lora = hyper(torch.zeros(1, c.num_layers, 1, c.hidden_size, device=d.device))
+                loss_sum = sum(a.sum() + b.sum() for a, b in lora.values()) * 0.0
+            else:
+                ce, kl = sample_losses(vlm, hyper, to_device(batch, d.device), args.layer_chunk,
+                                       args.kl_temp if args.kl_weight > 0 else None)
+                loss_sum = (ce if kl is None else ce + args.kl_weight * kl).sum()
+                ce_sum, n_local = ce_sum + ce.detach().sum().item(), n_local + n
+                kl_sum += 0.0 if kl is None else kl.detach().sum().item()
             # DDP averages gradients over ranks, hence * world; / (N_m * accum) makes it a mean over the step.
-            (loss.sum() * d.world / (n_all * args.accum)).backward()
+            (loss_sum * d.world / (n_all * args.accum)).backward()
         synced |= last
-        ce_sum, n_local = ce_sum + ce.detach().sum().item(), n_local + n
-        kl_sum += 0.0 if kl is None else kl.detach().sum().item()
     params = [p for p in hyper.parameters() if p.grad is not None]
     if d.world > 1 and not synced and params:  # the last micro-batch was skipped: average by hand
         for p in params:
