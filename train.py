@@ -307,10 +307,11 @@ class StopFlag:
 
 
 # ------------------------------------------------------------------------------------------------ the loop
+HYPER_FLAGS = ("latent_size", "n_latents", "num_blocks", "n_heads", "head_dim", "n_kv_heads", "rank", "alpha")
+
+
 def hyper_config(args, vlm_config) -> HyperConfig:
-    return HyperConfig.for_model(vlm_config, targets=tuple(args.targets), latent_size=args.latent_size,
-                                 n_latents=args.latents, num_blocks=args.blocks, n_heads=args.heads,
-                                 head_dim=args.head_dim, n_kv_heads=args.kv_heads, rank=args.rank, alpha=args.alpha)
+    return HyperConfig.for_model(vlm_config, targets=tuple(args.targets), **{f: getattr(args, f) for f in HYPER_FLAGS})
 
 
 def train(args) -> dict:
@@ -321,6 +322,8 @@ def train(args) -> dict:
     train_set = Rows(args.train, proc, teacher_view=args.kl_weight > 0)
     val_set = Rows(args.val, proc, limit=args.val_rows) if args.val else None
     say(f"device {d.device} x {d.world}, base {model_dir}; {train_set.summary()}", file=sys.stderr)
+    if len(train_set) == 0:
+        raise SystemExit(f"error: {args.train} has no rows with a video file")
     ckpt = latest_checkpoint(run) if args.resume else None
     if ckpt is not None:
         net, state = load_hypernet(ckpt, vlm.config, d.device), json.loads((ckpt / "state.json").read_text())
@@ -487,14 +490,9 @@ def train_parser() -> argparse.ArgumentParser:
                                                                                      "(auto: on CUDA)")
     g = p.add_argument_group("hypernetwork (defaults: the released one, method.md §3.1)")
     g.add_argument("--targets", nargs="+", default=["down_proj"], choices=list(M.LORA_TARGETS))
-    g.add_argument("--latent-size", type=int, default=512)
-    g.add_argument("--latents", type=int, default=8)
-    g.add_argument("--blocks", type=int, default=9)
-    g.add_argument("--heads", type=int, default=16)
-    g.add_argument("--head-dim", type=int, default=128)
-    g.add_argument("--kv-heads", type=int, default=4)
-    g.add_argument("--rank", type=int, default=16)
-    g.add_argument("--alpha", type=float, default=128.0, help="LoRA multiplier, used directly (not alpha/r)")
+    for f in HYPER_FLAGS:  # --latent-size, --n-latents, ..., named as the HyperConfig fields they set
+        default = HyperConfig.__dataclass_fields__[f].default
+        g.add_argument("--" + f.replace("_", "-"), type=type(default), default=default, help=f"default {default}")
     return p
 
 

@@ -19,8 +19,8 @@ from hypernet import HyperNet, load_hypernet
 
 ROOT = Path(__file__).resolve().parents[1]
 COLORS = {"red": (220, 40, 40), "green": (40, 190, 60), "blue": (50, 90, 230), "yellow": (235, 215, 40)}
-TINY_HYPER = ["--latent-size", "32", "--latents", "4", "--blocks", "1", "--heads", "2", "--head-dim", "16",
-              "--kv-heads", "1", "--rank", "4", "--workers", "0"]
+TINY_HYPER = ["--latent-size", "32", "--n-latents", "4", "--num-blocks", "1", "--n-heads", "2", "--head-dim", "16",
+              "--n-kv-heads", "1", "--rank", "4", "--workers", "0"]
 
 
 def write_base(d: Path, seed: int = 0) -> Path:
@@ -183,3 +183,15 @@ def test_teacher_answers_resume_without_rewriting(world, tmp_path):
     train.main(args)
     text = out.read_text()
     assert text.startswith("".join(lines[:2])) and sorted(text.splitlines()) == sorted(ln.rstrip("\n") for ln in lines)
+
+
+def test_kl_term_and_cli_errors(world, tmp_path):
+    """The optional KL to the video-in-context teacher runs and is logged; user mistakes are one-line errors."""
+    run = tmp_path / "kl"
+    train.main(run_args(world, run, "--steps", 2, "--batch", 2, "--accum", 1, "--kl-weight", 0.05))
+    rows = [json.loads(ln) for ln in (run / "log.jsonl").read_text().splitlines()]
+    assert all(r["kl"] > 0 and r["loss"] == pytest.approx(r["ce"] + 0.05 * r["kl"]) for r in rows)
+    with pytest.raises(SystemExit, match="error: --train manifest .* not found"):
+        train.main(run_args(world, tmp_path / "x", manifest="nope.jsonl"))
+    with pytest.raises(SystemExit, match="error: nothing to resume"):
+        train.main(["--out", str(tmp_path / "y"), "--resume"])
