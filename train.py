@@ -306,6 +306,11 @@ class StopFlag:
             signal.signal(s, h)
 
 
+def _ignore_sigint(_worker_id):
+    """Ctrl-C reaches DataLoader workers too; they must keep decoding while the main process finishes its step."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 # ------------------------------------------------------------------------------------------------ the loop
 HYPER_FLAGS = ("latent_size", "n_latents", "num_blocks", "n_heads", "head_dim", "n_kv_heads", "rank", "alpha")
 
@@ -338,7 +343,8 @@ def train(args) -> dict:
     hyper = torch.nn.parallel.DistributedDataParallel(net) if d.world > 1 else net
     start = state["step"]
     loader = iter(torch.utils.data.DataLoader(train_set, batch_sampler=micro_batches(len(train_set), start, args, d),
-                                              collate_fn=train_set.collate, num_workers=args.workers))
+                                              collate_fn=train_set.collate, num_workers=args.workers,
+                                              worker_init_fn=_ignore_sigint))
     if d.rank == 0:
         run.mkdir(parents=True, exist_ok=True)
         trim_log(run / "log.jsonl", start)  # a crash may have logged steps after the checkpoint: they re-run
