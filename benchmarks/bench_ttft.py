@@ -280,8 +280,13 @@ def targets(rows: list[dict]) -> list[str]:
     speed = [r["seconds"]["in_context"] / r["seconds"]["adapter"] for r in rows]
     tokens = {r["tokens"]["adapter"] for r in rows}
     ok = lambda b: "PASS" if b else "FAIL"  # noqa: E731
-    return [f"{ok(max(ratio) <= 1.10)} adapter TTFT within 10 % of text alone at every frame count "
-            f"(adapter/text {', '.join(f'{x:.2f}' for x in ratio)}; merged/text {', '.join(f'{x:.2f}' for x in merged)})",
+    fmt = lambda xs: ", ".join(f"{x:.2f}" for x in xs)  # noqa: E731
+    # Two adapter paths: the LoRA as a forward argument adds a few small ops per layer, which cost kernel launches
+    # on a GPU and thread barriers on a busy CPU; merged into the weights (batch-1 answering) it adds none.
+    return [f"{ok(max(ratio) <= 1.10)} adapter (LoRA argument) TTFT within 10 % of text alone at every frame "
+            f"count (adapter / text: {fmt(ratio)})",
+            f"{ok(max(merged) <= 1.10)} adapter (LoRA merged) TTFT within 10 % of text alone at every frame "
+            f"count (merged / text: {fmt(merged)})",
             f"{ok(len(tokens) == 1)} adapter input tokens independent of video length ({sorted(tokens)})",
             f"{ok(all(b >= a for a, b in zip(speed, speed[1:])))} speedup over in-context grows with frames "
             f"({', '.join(f'{x:.1f}x' for x in speed)})"]

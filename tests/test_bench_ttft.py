@@ -53,7 +53,7 @@ def test_bench_frames_and_report(setup):
     assert all(v > 0 for r in rows for v in r["seconds"].values())
     assert rows[0]["rounds"]["encode"] == 1  # a zero budget stops after the first round
     text = B.markdown(rows, "meta", args.sizes)
-    assert "decode 64 px" in text and text.count("PASS") + text.count("FAIL") == 3
+    assert "decode 64 px" in text and text.count("PASS") + text.count("FAIL") == 4
     a1, c1 = B.amortised(rows[0], 1, 24)
     a25, _ = B.amortised(rows[0], 25, 24)
     assert a25 < a1 and c1 > rows[0]["seconds"]["in_context"]
