@@ -1,0 +1,70 @@
+"""Compose adapters in rank space, or export one as a PEFT LoRA for transformers.
+
+    python compose.py a.safetensors b.safetensors -o ab.safetensors
+    python compose.py a.safetensors b.safetensors --weights 1,0.5 --bias-weight 1 -o ab.safetensors
+    python compose.py ab.safetensors --to-peft ab-peft/        # adapter_config.json + adapter_model.safetensors
+
+Spec: ../shared/design/method.md §7 (the authors' combine_lora). Stacking along the rank axis,
+A = [w_1 A_1; ...; w_n A_n; b A_bias] and B = [B_1; ...; B_n; B_bias], gives
+dW = alpha (sum_c w_c B_c^T A_c + b B_bias^T A_bias): the segments' updates add and the static part counts once.
+Only adapters of the same base model and hypernetwork compose (the static part must be the same one). This is
+zero-shot: training only ever saw one chunk.
+
+The PEFT export loads onto transformers' SmolVLMForConditionalGeneration with `PeftModel.from_pretrained`
+(the scale convention is explained in adapter.to_peft).
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import adapter as A
+
+
+def parse_weights(text: str | None, n: int) -> list[float] | None:
+    if text is None:
+        return None
+    try:
+        weights = [float(w) for w in text.split(",")]
+    except ValueError:
+        raise SystemExit(f"error: --weights wants comma-separated numbers, got {text!r}") from None
+    if len(weights) != n:
+        raise SystemExit(f"error: --weights has {len(weights)} values for {n} adapters")
+    return weights
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("adapters", nargs="+", help="adapter files made by internalize.py (or compose.py)")
+    p.add_argument("-o", "--out", default=None, help="composed adapter file")
+    p.add_argument("--weights", default=None, help="one multiplier per adapter, e.g. 1,0.5 (default all 1)")
+    p.add_argument("--bias-weight", type=float, default=1.0, help="multiplier of the static (video-independent) part")
+    p.add_argument("--to-peft", default=None, metavar="DIR", help="also write the result as a PEFT LoRA folder")
+    args = p.parse_args(argv)
+    if args.out is None and args.to_peft is None:
+        p.error("nothing to write: give -o FILE and/or --to-peft DIR")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    weights = parse_weights(args.weights, len(args.adapters))
+    try:
+        adapters = [A.load(p) for p in args.adapters]
+        out = adapters[0]
+        if len(adapters) > 1 or weights or args.bias_weight != 1.0:
+            out = A.concat(adapters, weights, args.bias_weight, meta={"created_by": "compose.py"})
+    except A.AdapterError as e:
+        raise SystemExit(f"error: {e}") from None
+    m = out.meta
+    if args.out:
+        path = A.save(args.out, out, out.ab[next(iter(out.ab))][0].dtype)
+        print(f"wrote {path} ({path.stat().st_size / 1e6:.2f} MB): {len(m['segments'])} segment(s), "
+              f"rank {m['generated_rank']} generated + {m['rank']} static")
+    if args.to_peft:
+        folder = A.to_peft(out, args.to_peft)
+        print(f"wrote PEFT LoRA {folder} (r = {m['generated_rank'] + m['rank']}, alpha folded into lora_B)")
+
+
+if __name__ == "__main__":
+    main()
