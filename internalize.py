@@ -14,6 +14,7 @@ each by default) and stacked in rank space: the paper's chunked path, zero-shot 
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 from dataclasses import dataclass
@@ -90,7 +91,7 @@ def load_models(args) -> Models:
         net = load_hypernet(hyper, vlm.config, device=device).eval().requires_grad_(False)
     except (ValueError, KeyError, OSError) as e:
         raise SystemExit(f"error: hypernetwork {hyper}: {str(e).splitlines()[0]}") from None
-    net = compile_hypernet(net, True if args.compile else None)
+    net = compile_hypernet(net, args.compile)  # opt-in: compiling costs more than one video saves
     # A released size reads 384-px frames (method.md §2); a folder of our own keeps its processor's frame size.
     video_size = args.video_size or (384 if size in M.PRESETS else None)
     proc = data.Processor(path, max_frames=args.frames, video_size=video_size)
@@ -107,7 +108,7 @@ def load_models(args) -> Models:
 def plan_segments(start: float, end: float, n: int | None, seconds: float | None) -> list[tuple[float, float]]:
     """[start, end) cut into n equal parts, or into parts of `seconds` (the last one shorter); non-overlapping."""
     if seconds:
-        n_parts = max(1, int(-(-(end - start) // seconds)))   # ceil
+        n_parts = max(1, math.ceil((end - start) / seconds - 1e-6))  # no sliver from float rounding
         edges = [start + i * seconds for i in range(n_parts)] + [end]
     else:
         n = n or 1

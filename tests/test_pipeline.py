@@ -1,0 +1,291 @@
+"""internalize.py -> ask.py, segments -> compose.py -> ask.py, the PEFT export, and every user-error path, end to end
+on a tiny random base model (HF layout, toy tokenizer) and a tiny random hypernetwork whose LoRA is not zero."""
+import dataclasses
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import adapter as A
+import ask
+import compose
+import data
+import internalize
+import model as M
+import toy_base
+import toyworld
+from hypernet import HyperConfig, HyperNet, internalize as reference_internalize, load_hypernet, save_hypernet
+
+REPO = Path(__file__).resolve().parent.parent
+TINY_PERCEIVER = dict(latent_size=32, n_latents=4, num_blocks=2, n_heads=4, head_dim=8, n_kv_heads=2, rank=4)
+
+
+def write_base(path: Path, hidden: int, seed: int) -> M.SmolVLMConfig:
+    """A random SmolVLM2 folder (config, safetensors, toy tokenizer, processor configs) with 4 tokens per frame."""
+    tok = toyworld.toy_tokenizer()
+    vision = M.VisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                            patch_size=8, image_size=32)
+    text = M.TextConfig(vocab_size=tok.get_vocab_size(), hidden_size=hidden, intermediate_size=2 * hidden,
+                        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=12,
+                        max_position_embeddings=4096)
+    cfg = M.SmolVLMConfig(vision, text, scale_factor=2, image_token_id=tok.token_to_id("<image>"))
+    torch.manual_seed(seed)
+    vlm = M.SmolVLM(cfg)
+    for p in vlm.parameters():  # norms perturbed too, so the weights fingerprint tells models apart
+        torch.nn.init.normal_(p, std=0.02) if p.dim() > 1 else p.data.add_(torch.randn_like(p) * 0.1)
+    toy_base.write_model_dir(path, cfg, tok, vlm.state_dict())
+    return cfg
+
+
+def write_hypernet(path: Path, cfg: M.SmolVLMConfig, seed: int) -> Path:
+    """Random hypernetwork with scaler_B and bias_B non-zero: at init they are 0 and every adapter would be dW = 0."""
+    torch.manual_seed(seed)
+    net = HyperNet(HyperConfig.for_model(cfg, **TINY_PERCEIVER))
+    for t in net.config.targets:
+        net.scaler_B[t].data.fill_(0.05)
+        net.bias_B[t].data.normal_(0.0, 0.05)
+    save_hypernet(path, net)
+    return path
+
+
+@pytest.fixture(scope="module")
+def w(tmp_path_factory):
+    d = tmp_path_factory.mktemp("pipeline")
+    cfg = write_base(d / "base", hidden=48, seed=0)
+    other = write_base(d / "other", hidden=36, seed=1)
+    write_hypernet(d / "hyper", cfg, 0)
+    write_hypernet(d / "hyper2", cfg, 1)            # same base, different hypernetwork
+    write_hypernet(d / "other_hyper", other, 2)     # built for the other base model
+    # A small 4 s clip (64x48, 8 fps) keeps the Lanczos resize cheap; two objects, one per half.
+    spec = dataclasses.replace(toyworld.clip_spec("train", 3, two_part=True), width=64, height=48, fps=8, n_frames=32)
+    toyworld.write_clip(spec, d / "clip.mp4")
+    (d / "notvideo.mp4").write_text("this is not a video\n")
+    return d
+
+
+def run_internalize(w, *extra):
+    internalize.main([str(w / "clip.mp4"), "--model", str(w / "base"), "--hypernet", str(w / "hyper"), *extra])
+
+
+def ask_json(capsys, *argv) -> list[dict]:
+    capsys.readouterr()
+    ask.main([*map(str, argv), "--json", "--max-new-tokens", "6"])
+    return [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+
+
+# ------------------------------------------------------------------------------------------------ happy paths
+def test_internalize_then_ask(w, capsys):
+    out = w / "a.safetensors"
+    run_internalize(w, "-o", str(out))
+    ad = A.load(out)
+    m = ad.meta
+    assert (m["format"], m["format_version"], m["video"], m["rank"], m["generated_rank"]) == \
+        (A.FORMAT, A.VERSION, "clip.mp4", 4, 4)
+    assert m["video_sha256"] == A.sha256_file(w / "clip.mp4") and m["start"] == 0 and m["end"] == pytest.approx(4.0)
+    assert m["hypernet_sha256"] == A.sha256_file(w / "hyper" / "hypernet.safetensors") and m["alpha"] == 128.0
+    assert (m["frames"], m["video_size"], m["frame_side"], m["targets"]) == (12, 32, 32, [["down_proj", 96, 48]])
+    assert [s["frames"] for s in m["segments"]] == [4]  # 4 s at 1 fps
+
+    # The file holds exactly what the hypernetwork makes of [video + instruction] (hypernet.internalize).
+    vlm, proc = M.load_model(w / "base"), data.Processor(w / "base", max_frames=12)
+    net = load_hypernet(w / "hyper", vlm.config)
+    ids, pixels = proc.internalization_inputs(w / "clip.mp4")
+    want = reference_internalize(vlm, net, ids, torch.ones_like(ids), pixels)
+    torch.testing.assert_close(ad.lora()["down_proj"][0], want["down_proj"][0])
+    torch.testing.assert_close(ad.lora()["down_proj"][1], want["down_proj"][1])
+
+    # ask.py: zero visual tokens, and the answer is greedy generation with the adapter as the LoRA argument.
+    q_ids, _ = proc.question_inputs("What color is the square?")
+    (r,) = ask_json(capsys, out, "What color is the square?")
+    assert (r["mode"], r["visual_tokens"], r["input_tokens"]) == ("adapter", 0, q_ids.shape[1])
+    gen = M.generate(vlm, q_ids, lora=ad.lora(), lora_alpha=128.0, max_new_tokens=6, eos_token_id=proc.eou_id)[0]
+    assert r["answer"] == proc.decode(gen).strip() and r["new_tokens"] == len(gen)
+    assert r["ttft_s"] > 0
+    with_lora = vlm(q_ids, lora=ad.lora(), lora_alpha=128.0).logits
+    assert not torch.allclose(with_lora, vlm(q_ids).logits, atol=1e-3)  # the adapter really changes the model
+
+    # Several questions and stdin lines: one load, one answer each; streaming text mode prints the same answer.
+    rs = ask_json(capsys, out, "What color is the square?", "Where does it move?")
+    assert [x["question"] for x in rs] == ["What color is the square?", "Where does it move?"]
+    assert rs[0]["answer"] == r["answer"]
+    ask.main([str(out), "What color is the square?", "--max-new-tokens", "6", "--timing"])
+    cap = capsys.readouterr()
+    assert cap.out.strip() == r["answer"] and "TTFT" in cap.err and "(0 visual)" in cap.err
+
+
+def test_stdin_questions(w, capsys, monkeypatch):
+    out = w / "a.safetensors"
+    if not out.exists():
+        run_internalize(w, "-o", str(out))
+    monkeypatch.setattr(sys, "stdin", __import__("io").StringIO("first question\n\nsecond question\n"))
+    rs = ask_json(capsys, out, "-")
+    assert [r["question"] for r in rs] == ["first question", "second question"]
+
+
+def test_segments_compose_and_weights(w, capsys):
+    run_internalize(w, "--segments", "2", "-o", str(w / "seg.safetensors"))
+    run_internalize(w, "--end", "2", "-o", str(w / "p1.safetensors"))
+    run_internalize(w, "--start", "2", "-o", str(w / "p2.safetensors"))
+    seg, p1, p2 = (A.load(w / f"{n}.safetensors") for n in ("seg", "p1", "p2"))
+    assert [(s["start"], s["end"]) for s in seg.meta["segments"]] == [(0, 2), (2, pytest.approx(4))]
+    assert seg.meta["generated_rank"] == 8 and seg.ab["down_proj"][0].shape == (2, 12, 96)
+
+    compose.main([str(w / "p1.safetensors"), str(w / "p2.safetensors"), "-o", str(w / "ab.safetensors")])
+    ab = A.load(w / "ab.safetensors")
+    for x, y in zip(ab.ab["down_proj"], seg.ab["down_proj"]):  # compose(p1, p2) == --segments 2, row for row
+        torch.testing.assert_close(x, y)
+
+    # dW of the composition = the parts' generated dW summed + the static dW once (method.md §7), with weights.
+    compose.main([str(w / "p1.safetensors"), str(w / "p2.safetensors"), "-o", str(w / "wab.safetensors"),
+                  "--weights", "1,0.5", "--bias-weight", "0.25"])
+    wab = A.load(w / "wab.safetensors")
+    r = 4
+
+    def parts(x, layer):  # (generated dW, static dW) of a one-segment adapter
+        a, b = x.ab["down_proj"][0][layer], x.ab["down_proj"][1][layer]
+        return 128.0 * b[:r].T @ a[:r], 128.0 * b[r:].T @ a[r:]
+
+    for layer in range(2):
+        (g1, s1), (g2, s2) = parts(p1, layer), parts(p2, layer)
+        torch.testing.assert_close(s1, s2)  # same hypernetwork, same static part
+        torch.testing.assert_close(ab.delta_weight("down_proj", layer), g1 + g2 + s1, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(wab.delta_weight("down_proj", layer), g1 + 0.5 * g2 + 0.25 * s1,
+                                   atol=1e-5, rtol=1e-4)
+    assert [s["weight"] for s in wab.meta["segments"]] == [1.0, 0.5] and wab.meta["bias_weight"] == 0.25
+
+    (res,) = ask_json(capsys, w / "ab.safetensors", "What happens?")
+    assert res["mode"] == "adapter" and res["visual_tokens"] == 0 and res["new_tokens"] > 0
+
+
+def test_several_videos_one_call(w, tmp_path):
+    shutil.copy(w / "clip.mp4", tmp_path / "two.mp4")
+    internalize.main([str(w / "clip.mp4"), str(tmp_path / "two.mp4"), "-o", str(tmp_path / "out"),
+                      "--model", str(w / "base"), "--hypernet", str(w / "hyper"), "--save-dtype", "bf16"])
+    a, b = A.load(tmp_path / "out" / "clip.adapter.safetensors"), A.load(tmp_path / "out" / "two.adapter.safetensors")
+    assert a.ab["down_proj"][0].dtype == torch.bfloat16
+    assert torch.equal(a.ab["down_proj"][0], b.ab["down_proj"][0])  # same content, same adapter
+
+
+def test_baseline_and_text_modes(w, capsys):
+    vlm, proc = M.load_model(w / "base"), data.Processor(w / "base", max_frames=12)
+    (v,) = ask_json(capsys, "--video", w / "clip.mp4", "--model", w / "base", "What color is the square?")
+    ids, pixels = proc.question_inputs("What color is the square?", w / "clip.mp4")
+    gen = M.generate(vlm, ids, pixel_values=pixels, max_new_tokens=6, eos_token_id=proc.eou_id)[0]
+    assert (v["mode"], v["visual_tokens"], v["input_tokens"]) == ("video", 4 * 4, ids.shape[1])
+    assert v["answer"] == proc.decode(gen).strip()
+
+    (t,) = ask_json(capsys, "--no-adapter", "--model", w / "base", "What color is the square?")
+    ids, _ = proc.question_inputs("What color is the square?")
+    gen = M.generate(vlm, ids, max_new_tokens=6, eos_token_id=proc.eou_id)[0]
+    assert (t["mode"], t["visual_tokens"], t["answer"]) == ("text", 0, proc.decode(gen).strip())
+
+
+def test_peft_export_gives_the_same_logits(w):
+    from peft import PeftModel
+    from transformers import SmolVLMForConditionalGeneration
+
+    src = w / "seg.safetensors"
+    if not src.exists():
+        run_internalize(w, "--segments", "2", "-o", str(src))
+    compose.main([str(src), "--to-peft", str(w / "peft")])
+    cfg = json.loads((w / "peft" / "adapter_config.json").read_text())
+    assert cfg["r"] == cfg["lora_alpha"] == 12
+    ad, vlm = A.load(src), M.load_model(w / "base")
+    ids, _ = data.Processor(w / "base").question_inputs("What happens after the square moves?")
+    ours = vlm(ids, lora=ad.lora(), lora_alpha=ad.alpha).logits
+    hf = SmolVLMForConditionalGeneration.from_pretrained(w / "base").eval()
+    base = hf(input_ids=ids).logits
+    peft = PeftModel.from_pretrained(hf, w / "peft").eval()
+    n_lora = sum(1 for n, _ in peft.named_parameters() if "lora_A" in n)
+    assert n_lora == 2  # one per decoder layer's down_proj, nothing else
+    with torch.no_grad():
+        theirs = peft(input_ids=ids).logits
+    assert not torch.allclose(theirs, base, atol=1e-3)
+    torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------ user errors
+@pytest.fixture(scope="module")
+def bad(w):
+    """Adapters that must be refused: another base model, same architecture with other weights, another
+    hypernetwork, a flipped byte, a truncated file, a safetensors file that is not an adapter."""
+    good = w / "a.safetensors"
+    if not good.exists():
+        run_internalize(w, "-o", str(good))
+    internalize.main([str(w / "clip.mp4"), "--model", str(w / "other"), "--hypernet", str(w / "other_hyper"),
+                      "-o", str(w / "bad_other.safetensors")])
+    run_internalize(w, "--hypernet", str(w / "hyper2"), "-o", str(w / "bad_hyper2.safetensors"))
+    write_base(w / "twin", hidden=48, seed=5)  # same config as base, different weights
+    raw = bytearray(good.read_bytes())
+    raw[-3] ^= 0x40
+    (w / "bad_flipped.safetensors").write_bytes(bytes(raw))
+    (w / "bad_truncated.safetensors").write_bytes(good.read_bytes()[:200])
+    return w
+
+
+def assert_one_line_error(capsys, fn, argv, match: str, no_output: Path | None = None):
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        fn([str(a) for a in argv])
+    msg = e.value.code
+    assert isinstance(msg, str) and msg.startswith("error: ") and "\n" not in msg, msg
+    assert match in msg, msg
+    assert "Traceback" not in capsys.readouterr().err
+    if no_output is not None:  # nothing written, not even a temp file
+        assert not no_output.exists()
+        assert not list(no_output.parent.glob(f".{no_output.name}.tmp*"))
+
+
+def test_internalize_errors(bad, capsys, tmp_path):
+    w, out = bad, tmp_path / "x.safetensors"
+    common = ["--model", w / "base", "--hypernet", w / "hyper", "-o", out]
+    assert_one_line_error(capsys, internalize.main, [w / "missing.mp4", *common], "no such file", out)
+    assert_one_line_error(capsys, internalize.main, [w / "notvideo.mp4", *common], "not a readable media file", out)
+    assert_one_line_error(capsys, internalize.main, [w / "clip.mp4", *common, "--start", "9"], "no frames", out)
+    assert_one_line_error(capsys, internalize.main, [w / "clip.mp4", "--model", w / "base", "--hypernet",
+                                                     w / "other_hyper", "-o", out], "was built for", out)
+    assert_one_line_error(capsys, internalize.main, [w / "clip.mp4", "--model", w / "base", "--hypernet",
+                                                     w / "nowhere", "-o", out], "no hypernetwork", out)
+    assert_one_line_error(capsys, internalize.main, [w / "clip.mp4", "--model", w / "base", "-o", out],
+                          "--model needs --hypernet", out)
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["missing.safetensors", "q"], "no such adapter file"),
+    (["bad_flipped.safetensors", "q"], "corrupted adapter"),
+    (["bad_truncated.safetensors", "q"], "not a readable safetensors file"),
+    (["hyper/hypernet.safetensors", "q"], "not a Video2LoRA adapter"),
+    (["a.safetensors", "q", "--model", "other"], "was made for base model"),
+    (["a.safetensors", "q", "--model", "twin"], "different weights"),
+    (["--video", "notvideo.mp4", "--model", "base", "q"], "not a readable media file"),
+])
+def test_ask_errors(bad, capsys, argv, match):
+    argv = [str(bad / a) if a.endswith((".safetensors", ".mp4")) or a in ("other", "twin", "base") else a
+            for a in argv]
+    assert_one_line_error(capsys, ask.main, argv, match)
+
+
+def test_compose_errors(bad, capsys, tmp_path):
+    w, out = bad, tmp_path / "c.safetensors"
+    assert_one_line_error(capsys, compose.main, [w / "a.safetensors", w / "bad_other.safetensors", "-o", out],
+                          "different base models", out)
+    assert_one_line_error(capsys, compose.main, [w / "a.safetensors", w / "bad_hyper2.safetensors", "-o", out],
+                          "different hypernetworks", out)
+    assert_one_line_error(capsys, compose.main, [w / "a.safetensors", w / "bad_flipped.safetensors", "-o", out],
+                          "corrupted adapter", out)
+    assert_one_line_error(capsys, compose.main, [w / "a.safetensors", w / "a.safetensors", "--weights", "1", "-o",
+                                                 out], "--weights has 1 values for 2", out)
+
+
+def test_cli_error_is_one_line_on_stderr(tmp_path):
+    """As a real process: exit status 1, exactly one stderr line, no traceback, no file."""
+    out = tmp_path / "x.safetensors"
+    p = subprocess.run([sys.executable, str(REPO / "internalize.py"), str(tmp_path / "nope.mp4"), "-o", str(out)],
+                       capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert p.returncode == 1 and p.stdout == ""
+    assert p.stderr.splitlines() == [f"error: {tmp_path / 'nope.mp4'}: no such file"]
+    assert not out.exists()
