@@ -10,11 +10,21 @@ Spec: ../shared/design/method.md §4 (how the LoRA is applied), §7 (rank-space 
 
     dW_l = alpha * B_l^T A_l  (d_out, d_in)   -- alpha used directly, not alpha / r (method.md §4)
 
-and a JSON string under the metadata key "video2lora" (`describe()` lists its fields): format version, base model
-(id, folder, sha256 of its config, sha256 of its norm weights), hypernetwork (path, sha256), alpha, rank, target
-shapes, frames and frame size, the source video's name and sha256, start/end, the segments, and a sha256 of the
-tensor bytes so a corrupted file is an error rather than a wrong answer. Every failure is an `AdapterError` whose
-message is one line, ready for `SystemExit(f"error: {e}")`.
+and a JSON string under the metadata key "video2lora":
+
+    format, format_version          "video2lora-adapter", 1
+    base_model, base_size, base_model_dir      id (HF id, "tiny" or folder name), preset or null, resolved folder
+    base_config_sha256, base_weights_sha256    sha256 of config.json as SmolVLMConfig.to_hf_dict (sorted keys), and
+                                               of the text model's RMSNorm weights as bf16 (tells fine-tunes apart)
+    hypernet, hypernet_sha256       path given, sha256 of its hypernet.safetensors
+    alpha, rank, num_layers, targets            128, r, L, [[name, d_in, d_out], ...]
+    generated_rank, bias_weight     G, the static part's multiplier
+    frames, video_size, frame_side  max frames per segment, resize edge, encoder side
+    video, video_sha256, start, end the source and span (null when segments come from several videos)
+    segments                        [{video, video_sha256, start, end, frames, weight}], in row order
+    created_by, tensors_sha256      the writing script; sha256 of the tensor bytes (corruption is an error)
+
+Every failure is an `AdapterError` whose message is one line, ready for `SystemExit(f"error: {e}")`.
 """
 from __future__ import annotations
 
@@ -31,6 +41,8 @@ from safetensors.torch import save_file
 from model import lora_target_shapes
 
 FORMAT, VERSION, META_KEY = "video2lora-adapter", 1, "video2lora"
+REQUIRED = ("base_model", "base_config_sha256", "base_weights_sha256", "hypernet", "hypernet_sha256", "alpha", "rank",
+            "generated_rank", "bias_weight", "num_layers", "targets", "segments", "tensors_sha256")
 
 
 class AdapterError(ValueError):
@@ -183,14 +195,19 @@ def load(path, vlm=None) -> Adapter:
     if meta.get("format") != FORMAT:
         raise AdapterError(f"{path}: not a Video2LoRA adapter (format {meta.get('format')!r})")
     if meta.get("format_version", 0) > VERSION:
-        raise AdapterError(f"{path}: adapter format version {meta['format_version']} is newer than this code ({VERSION})")
+        raise AdapterError(f"{path}: adapter format version {meta['format_version']} is newer than this code "
+                           f"({VERSION})")
+    missing = [k for k in REQUIRED if k not in meta]
+    if missing:
+        raise AdapterError(f"{path}: incomplete adapter metadata (no {', '.join(missing)})")
     if _sha256_tensors(tensors) != meta.get("tensors_sha256"):
         raise AdapterError(f"{path}: corrupted adapter (tensor checksum mismatch)")
     L, R = meta["num_layers"], meta["generated_rank"] + meta["rank"]
     want = {f"{t}.{k}": (L, R, d) for t, d_in, d_out in meta["targets"] for k, d in (("A", d_in), ("B", d_out))}
     got = {k: tuple(v.shape) for k, v in tensors.items()}
     if got != want:
-        raise AdapterError(f"{path}: tensors {sorted(got.items())[:2]} do not match the metadata {sorted(want.items())[:2]}")
+        raise AdapterError(f"{path}: tensors {sorted(got.items())[:2]} do not match the metadata "
+                           f"{sorted(want.items())[:2]}")
     adapter = Adapter({t: (tensors[f"{t}.A"], tensors[f"{t}.B"]) for t, _, _ in meta["targets"]}, meta)
     if vlm is not None:
         check_base(adapter, vlm, path)

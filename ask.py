@@ -152,7 +152,7 @@ def parse_args(argv):
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass when --temperature > 0")
     p.add_argument("--seed", type=int, default=None, help="sampling seed")
-    p.add_argument("--timing", action="store_true", help="print time to first token, tokens/s, input tokens")
+    p.add_argument("--timing", action="store_true", help="print time to first token, decode tokens/s (steps after the first), input tokens")
     p.add_argument("--json", action="store_true", help="one JSON object per answer on stdout, no streaming")
     args = p.parse_intermixed_args(argv)  # options may sit between the adapter and the questions
     if args.video and args.no_adapter:
