@@ -306,7 +306,7 @@ def markdown(rows: list[dict], meta: str, sizes: list[int]) -> str:
                    f"| {s['adapter'] / s['text']:.2f} |")
     out += ["", "**Internalization** (once per video, seconds; decode per processor longest edge)", "",
             "| frames | tokens read | " + " | ".join(f"decode {x} px" for x in sizes)
-            + " | VLM encode | hypernet | total | merge (optional) |", "|---" * (5 + len(sizes)) + "|"]
+            + " | VLM encode | hypernet | total | merge (optional) |", "|---" * (6 + len(sizes)) + "|"]
     for r in rows:
         s = r["seconds"]
         out.append(f"| {r['frames']} | {r['tokens']['internalize']} | "
