@@ -31,14 +31,15 @@ import model as M
 import toyworld
 
 
-def toy_config(vocab_size: int, image_token_id: int) -> M.SmolVLMConfig:
-    """64 px frames, 8 px patches, pixel shuffle 4: 4 tokens per frame; a 4-layer, 128-wide Llama decoder."""
-    vision = M.VisionConfig(hidden_size=96, intermediate_size=192, num_hidden_layers=2, num_attention_heads=4,
-                            patch_size=8, image_size=64)
+def toy_config(vocab_size: int, image_token_id: int, scale_factor: int = 4, vision_width: int = 96) -> M.SmolVLMConfig:
+    """64 px frames of 8 px patches (8 x 8), pixel-shuffled by s: 64 / s^2 tokens per frame; a 4-layer, 128-wide
+    Llama decoder."""
+    vision = M.VisionConfig(hidden_size=vision_width, intermediate_size=2 * vision_width, num_hidden_layers=2,
+                            num_attention_heads=4, patch_size=8, image_size=64)
     text = M.TextConfig(vocab_size=vocab_size, hidden_size=128, intermediate_size=384, num_hidden_layers=4,
                         num_attention_heads=4, num_key_value_heads=2, head_dim=32, rope_theta=100000.0,
                         rms_norm_eps=1e-5, max_position_embeddings=2048)
-    return M.SmolVLMConfig(vision, text, scale_factor=4, image_token_id=image_token_id)
+    return M.SmolVLMConfig(vision, text, scale_factor=scale_factor, image_token_id=image_token_id)
 
 
 def write_model_dir(out: Path, config: M.SmolVLMConfig, tokenizer, state: dict[str, torch.Tensor], max_frames=12):
@@ -102,11 +103,23 @@ def load_examples(manifest, proc: data.Processor, limit: int | None = None) -> l
     return out
 
 
+def conversation(proc: data.Processor, examples: list[dict], rng: random.Random) -> dict:
+    """All questions about one clip as one multi-turn chat, in random order: one pass over the video supervises
+    every answer (the chat template's multi-turn form, smolvlm2.md §5.4). Labels on the answers only."""
+    order = rng.sample(examples, len(examples))
+    ids, labels = list(order[0]["head"]), [-100] * len(order[0]["head"])
+    for i, ex in enumerate(order):
+        if i:
+            turn = proc.encode("\nUser: " + ex["row"]["prompt"] + "<end_of_utterance>\nAssistant:")
+            ids, labels = ids + turn, labels + [-100] * len(turn)
+        ids, labels = ids + ex["tail"], labels + ex["tail"]
+    return {"ids": ids, "labels": labels, "pixels": order[0]["pixels"]}
+
+
 def batch_loss(net: M.SmolVLM, batch: list[dict], pad_id: int) -> torch.Tensor:
     """Teacher-forced cross-entropy on the answer tokens, averaged over all of them."""
-    seqs = [ex["head"] + ex["tail"] for ex in batch]
-    ids, mask = data.pad_batch(seqs, pad_id, side="right")
-    labels, _ = data.pad_batch([[-100] * len(ex["head"]) + ex["tail"] for ex in batch], -100, side="right")
+    ids, mask = data.pad_batch([ex["ids"] for ex in batch], pad_id, side="right")
+    labels, _ = data.pad_batch([ex["labels"] for ex in batch], -100, side="right")
     logits = net(ids, torch.cat([ex["pixels"] for ex in batch]), mask).logits  # (B, T, V)
     return F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten())
 
@@ -139,15 +152,21 @@ def train(args) -> None:
     torch.manual_seed(args.seed)
     random.seed(args.seed)
     tokenizer = toyworld.toy_tokenizer()
-    config = toy_config(tokenizer.get_vocab_size(), tokenizer.token_to_id("<image>"))
+    config = toy_config(tokenizer.get_vocab_size(), tokenizer.token_to_id("<image>"), args.scale_factor,
+                        args.vision_width)
     # The processor reads the tokenizer and frame geometry from a model folder: write the untrained one first.
     stage = Path(args.out).with_name(Path(args.out).name + ".init")
     net = M.SmolVLM(config)
     init_weights(net)
     write_model_dir(stage, config, tokenizer, net.state_dict())
     proc = data.Processor(stage)
-    train_set, val_set = load_examples(args.train, proc), load_examples(args.val, proc, limit=args.val_clips)
-    print(f"{len(train_set)} training examples, {len(val_set)} validation questions; "
+    train_rows, val_set = load_examples(args.train, proc), load_examples(args.val, proc, limit=args.val_clips)
+    by_clip: dict[str, list[dict]] = {}
+    for ex in train_rows:
+        by_clip.setdefault(ex["row"]["video_path"], []).append(ex)
+    train_set = list(by_clip.values())
+    rng = random.Random(args.seed)
+    print(f"{len(train_set)} training clips ({len(train_rows)} questions), {len(val_set)} validation questions; "
           f"{sum(p.numel() for p in net.parameters()) / 1e6:.2f}M parameters", file=sys.stderr)
     opt = torch.optim.AdamW(net.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.01)
     warmup = max(1, args.steps // 20)
@@ -156,7 +175,8 @@ def train(args) -> None:
     start, bar = time.time(), tqdm(range(args.steps), desc="toy base", unit="step")
     for step in bar:
         net.train()
-        loss = batch_loss(net, random.sample(train_set, args.batch), proc.pad_id)
+        batch = [conversation(proc, qs, rng) for qs in rng.sample(train_set, args.batch)]
+        loss = batch_loss(net, batch, proc.pad_id)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
@@ -184,11 +204,13 @@ def main(argv=None):
     p.add_argument("--val", default="data/toy/heldout/manifest.jsonl", help="held-out manifest for the final score")
     p.add_argument("--val-clips", type=int, default=100, help="held-out clips scored at the end")
     p.add_argument("--out", default=str(M.TINY_DIR), help="model folder to write (default: the shipped one)")
-    p.add_argument("--steps", type=int, default=1300)
-    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--steps", type=int, default=1600)
+    p.add_argument("--batch", type=int, default=16, help="clips per step, each with all of its questions")
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--minutes", type=float, default=20.0, help="stop early at this wall-clock budget (0: none)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--scale-factor", type=int, default=4, help="pixel shuffle: 64 / s^2 tokens per frame")
+    p.add_argument("--vision-width", type=int, default=96)
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1,
                    help="CPU threads; on a busy machine 1 avoids OpenMP threads waiting on each other")
     args = p.parse_args(argv)

@@ -1,0 +1,194 @@
+"""The toy world's fidelity benchmark (toyworld.md): does an adapter answer as well as the video in context?
+
+    python benchmarks/fidelity.py                          # shipped tiny base + hypernet, 200 held-out clips
+    python benchmarks/fidelity.py --ablation runs/toy-captions/best   # adds the caption-only hypernetwork
+
+Conditions, on the same questions: (1) in context: the base model sees the video; (2) adapter: zero visual
+tokens, the clip's generated LoRA; controls: (3) text only, no adapter; (4) the adapter of a *different* clip.
+Reports accuracy per question kind, the paired adapter - in-context difference with a 95 % bootstrap CI, and the
+non-inferiority / equivalence verdicts at delta = 0.05. Then composition: two-part clips, each half internalized
+on its own, the two adapters composed in rank space, questions about either object.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+import data  # noqa: E402
+import hypernet as H  # noqa: E402
+import model as M  # noqa: E402
+import toyworld  # noqa: E402
+import adapter as AD  # noqa: E402
+
+CHANCE = {"color": 1 / 4, "shape": 1 / 3, "direction": 1 / 4, "count": 1 / 2}
+QA_KINDS = tuple(CHANCE)
+
+
+def clips_of(manifest: Path, n: int, proc: data.Processor) -> list[dict]:
+    """The first n clips of a manifest, decoded once, with their questions."""
+    rows, _ = data.read_manifest(manifest)
+    clips: dict[str, dict] = {}
+    for row in rows:
+        if row["clip_id"] not in clips:
+            if len(clips) == n:
+                break
+            spec = toyworld.ClipSpec.from_dict(row["spec"])
+            clips[row["clip_id"]] = {"path": row["video_path"], "spec": spec, "questions": [],
+                                     "clip": proc.load_video(row["video_path"])}
+        clips[row["clip_id"]]["questions"].append((row["kind"], row["prompt"], row["target_text"]))
+    return list(clips.values())
+
+
+def adapters(vlm, net, proc, videos: list, batch: int = 16) -> list[dict]:
+    """One adapter per video (a Clip): {target: (A (L, 2r, d_in), B (L, 2r, d_out))}."""
+    out = []
+    for i in range(0, len(videos), batch):
+        inputs = [proc.internalization_inputs(v) for v in videos[i:i + batch]]
+        ids, mask = data.pad_batch([x[0][0] for x in inputs], proc.pad_id, side="left")
+        with torch.no_grad():
+            lora = H.internalize(vlm, net, ids, mask, torch.cat([x[1] for x in inputs]))
+        out += [{t: (A[b], B[b]) for t, (A, B) in lora.items()} for b in range(ids.shape[0])]
+    return out
+
+
+def answers(vlm, proc, items: list[tuple], alpha: float, batch: int = 64) -> list[str]:
+    """items: (question, Clip or None for zero visual tokens, adapter or None). Greedy, left-padded batches."""
+    texts = []
+    for i in range(0, len(items), batch):
+        chunk = items[i:i + batch]
+        inputs = [proc.question_inputs(q, video=clip) for q, clip, _ in chunk]
+        ids, mask = data.pad_batch([x[0][0] for x in inputs], proc.pad_id, side="left")
+        pixels = [x[1] for x in inputs if x[1] is not None]
+        lora = None
+        if chunk[0][2] is not None:  # stack each question's own adapter along the batch axis
+            lora = {t: (torch.stack([a[t][0] for *_, a in chunk]), torch.stack([a[t][1] for *_, a in chunk]))
+                    for t in chunk[0][2]}
+        new = M.generate(vlm, ids, mask, torch.cat(pixels) if pixels else None, lora, alpha,
+                         max_new_tokens=24, eos_token_id=proc.eou_id)
+        texts += [proc.decode(t).strip() for t in new]
+    return texts
+
+
+def compose(parts: list[dict], net, facts: dict) -> dict:
+    """adapter.concat, the code compose.py runs: generated ranks side by side, the static part once."""
+    meta = {**facts, "hypernet_sha256": "benchmark", "alpha": net.config.alpha, "targets": list(net.config.targets)}
+    ads = [AD.from_lora({t: (a[None], b[None]) for t, (a, b) in p.items()}, net.config.rank,
+                        {**meta, "segments": [{"video": f"part{i}", "video_sha256": "", "start": i, "end": i + 1}]})
+           for i, p in enumerate(parts)]
+    return AD.concat(ads).ab
+
+
+def score(conditions: dict[str, list[tuple]], expected: list[str], vlm, proc, alpha) -> dict[str, np.ndarray]:
+    return {name: np.array([toyworld.score(a, e) for a, e in zip(answers(vlm, proc, items, alpha), expected)])
+            for name, items in conditions.items()}
+
+
+def paired_ci(a: np.ndarray, b: np.ndarray, n_boot: int = 4000, seed: int = 0) -> tuple[float, float, float]:
+    """mean(a - b) and its 95 % percentile bootstrap interval, resampling questions in pairs."""
+    rng = np.random.default_rng(seed)
+    d = a.astype(float) - b.astype(float)
+    boots = d[rng.integers(0, len(d), size=(n_boot, len(d)))].mean(1)
+    return float(d.mean()), float(np.percentile(boots, 2.5)), float(np.percentile(boots, 97.5))
+
+
+def fidelity(vlm, net, proc, clips, delta: float, ablation=None) -> tuple[str, dict]:
+    own = adapters(vlm, net, proc, [c["clip"] for c in clips])
+    qs = [(kind, q, a, i) for i, c in enumerate(clips) for kind, q, a in c["questions"]]
+    other = lambda i: own[(i + 1) % len(own)]  # noqa: E731  the next clip's adapter: a different video
+    conditions = {"in context": [(q, clips[i]["clip"], None) for _, q, _, i in qs],
+                  "adapter": [(q, None, own[i]) for _, q, _, i in qs],
+                  "text only": [(q, None, None) for _, q, _, i in qs],
+                  "other clip's adapter": [(q, None, other(i)) for _, q, _, i in qs]}
+    if ablation is not None:
+        abl = adapters(vlm, ablation, proc, [c["clip"] for c in clips])
+        conditions["caption-only hypernet"] = [(q, None, abl[i]) for _, q, _, i in qs]
+    hits = score(conditions, [a for _, _, a, _ in qs], vlm, proc, net.config.alpha)
+    kinds = np.array([k for k, *_ in qs])
+    qa = np.isin(kinds, QA_KINDS)
+    names = list(conditions)
+    lines = [f"| kind | questions | {' | '.join(names)} | chance |", "|---" * (len(names) + 3) + "|"]
+    for kind in (*QA_KINDS, "caption"):
+        sel = kinds == kind
+        cells = " | ".join(f"{hits[n][sel].mean():.3f}" for n in names)
+        lines.append(f"| {kind} | {sel.sum()} | {cells} | {CHANCE.get(kind, 0):.2f} |")
+    lines.append(f"| **overall (QA kinds)** | {qa.sum()} | "
+                 + " | ".join(f"**{hits[n][qa].mean():.3f}**" for n in names) + " | |")
+    d, lo, hi = paired_ci(hits["adapter"][qa], hits["in context"][qa])
+    verdict = {"delta": d, "ci": [lo, hi], "non_inferior": lo > -delta, "equivalent": -delta < lo and hi < delta}
+    lines.append(f"\nadapter - in context (QA kinds): {d:+.3f}, 95 % CI [{lo:+.3f}, {hi:+.3f}]; "
+                 f"non-inferior at delta={delta}: {'yes' if verdict['non_inferior'] else 'NO'}; "
+                 f"equivalent: {'yes' if verdict['equivalent'] else 'NO'}")
+    result = {n: {k: float(hits[n][kinds == k].mean()) for k in (*QA_KINDS, "caption")} | {
+        "overall": float(hits[n][qa].mean())} for n in names}
+    return "\n".join(lines), {"accuracy": result, "verdict": verdict, "questions": int(len(qs))}
+
+
+def composition(vlm, net, proc, clips) -> tuple[str, dict]:
+    """Two-part clips: adapters of the two halves, composed; vs the whole clip's adapter and the video in context."""
+    halves = []
+    for c in clips:
+        mid = c["spec"].duration / 2
+        halves += [proc.load_video(c["path"], end=mid), proc.load_video(c["path"], start=mid)]
+    parts = adapters(vlm, net, proc, halves)
+    facts = AD.base_facts(vlm)
+    composed = [compose([parts[2 * i], parts[2 * i + 1]], net, facts) for i in range(len(clips))]
+    whole = adapters(vlm, net, proc, [c["clip"] for c in clips])
+    qs = [(q, a, i) for i, c in enumerate(clips) for kind, q, a in c["questions"] if kind in QA_KINDS]
+    conditions = {"in context": [(q, clips[i]["clip"], None) for q, _, i in qs],
+                  "whole-clip adapter": [(q, None, whole[i]) for q, _, i in qs],
+                  "composed halves": [(q, None, composed[i]) for q, _, i in qs]}
+    hits = score(conditions, [a for _, a, _ in qs], vlm, proc, net.config.alpha)
+    table = ("| two-part clips | questions | " + " | ".join(conditions) + " |\n|---|---|---|---|---|\n"
+             f"| color, shape, direction of either object | {len(qs)} | "
+             + " | ".join(f"{hits[n].mean():.3f}" for n in conditions) + " |")
+    return table, {n: float(v.mean()) for n, v in hits.items()}
+
+
+def ensure_clips(out: Path, n: int, two_part: str) -> Path:
+    manifest = out / "manifest.jsonl"
+    if not manifest.exists() or sum(1 for _ in manifest.open()) < n:
+        toyworld.write_split("heldout", n, out, two_part=two_part, progress=False)
+    return manifest
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=str(M.TINY_DIR), help="base model folder (default: the shipped tiny one)")
+    p.add_argument("--hypernet", default=str(M.TINY_DIR.parent / "hypernet"))
+    p.add_argument("--ablation", help="a second hypernetwork (e.g. trained on captions only) to score beside it")
+    p.add_argument("--clips", type=int, default=200, help="held-out clips (toyworld seeds never used in training)")
+    p.add_argument("--two-part-clips", type=int, default=100)
+    p.add_argument("--data", default="data/toy", help="where held-out clips are written / reused")
+    p.add_argument("--delta", type=float, default=0.05)
+    p.add_argument("--out", default="results/fidelity", help="folder for fidelity.md and fidelity.json")
+    args = p.parse_args(argv)
+    torch.set_num_threads(torch.get_num_threads())
+    t0 = time.time()
+    vlm, proc = M.load_model(args.model), data.Processor(args.model)
+    net = H.load_hypernet(args.hypernet, vlm.config).eval()
+    ablation = H.load_hypernet(args.ablation, vlm.config).eval() if args.ablation else None
+    clips = clips_of(ensure_clips(Path(args.data) / "heldout", args.clips, "mixed"), args.clips, proc)
+    two = clips_of(ensure_clips(Path(args.data) / "heldout_two_part", args.two_part_clips, "always"),
+                   args.two_part_clips, proc)
+    table, result = fidelity(vlm, net, proc, clips, args.delta, ablation)
+    comp_table, result["composition"] = composition(vlm, net, proc, two)
+    minutes = (time.time() - t0) / 60
+    report = (f"{len(clips)} held-out clips, {result['questions']} questions; {len(two)} two-part clips. "
+              f"{minutes:.1f} min on {torch.get_num_threads()} CPU threads.\n\n{table}\n\n{comp_table}\n")
+    print(report)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "fidelity.md").write_text(report)
+    (out / "fidelity.json").write_text(json.dumps(result | {"minutes": minutes}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
