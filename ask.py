@@ -24,7 +24,7 @@ import torch
 import adapter as A
 import data
 import model as M
-from internalize import load_base, pick_device, pick_dtype
+from internalize import load_base
 
 
 def split_inputs(args) -> tuple[Path | None, list[str]]:
@@ -83,8 +83,8 @@ class Session:
         try:
             self.adapter = A.load(path) if path else None
             size, model_dir = resolve_base(args, self.adapter.meta if self.adapter else None)
-            self.device = pick_device(args.device)
-            dtype = pick_dtype(args.dtype, self.device)
+            self.device = M.pick_device(args.device)
+            dtype = M.pick_dtype(args.dtype, self.device)
             self.vlm, folder, _ = load_base(size, model_dir, self.device, dtype)
             if self.adapter:
                 A.check_base(self.adapter, self.vlm, path)

@@ -16,7 +16,6 @@ The PEFT export loads onto transformers' SmolVLMForConditionalGeneration with `P
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 import adapter as A
 

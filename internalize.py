@@ -31,19 +31,6 @@ ROOT = Path(__file__).resolve().parent
 
 
 # ------------------------------------------------------------------------------------------------ setup
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(name)
-
-
-def pick_dtype(name: str, device: torch.device) -> torch.dtype:
-    """Base-model weights: bf16 on CUDA as released (method.md §3.3), fp32 on CPU."""
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
-
-
 def sync(device: torch.device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)  # GPU work is asynchronous: time what ran, not what was queued
@@ -77,8 +64,8 @@ class Models:
 
 
 def load_models(args) -> Models:
-    device = pick_device(args.device)
-    dtype = pick_dtype(args.dtype, device)
+    device = M.pick_device(args.device)
+    dtype = M.pick_dtype(args.dtype, device)
     size = args.size if args.model is None else None
     vlm, path, meta = load_base(size or "tiny", args.model, device, dtype)
     hyper = Path(args.hypernet) if args.hypernet else ROOT / "checkpoints" / (size or "tiny") / "hypernet"

@@ -484,6 +484,23 @@ def load_model(path, dtype: torch.dtype = torch.float32, device="cpu") -> SmolVL
     return model.eval().requires_grad_(False)
 
 
+def pick_device(name: str = "auto", local_rank: int = 0) -> torch.device:
+    """"auto" is CUDA when there is one, else the CPU; "cuda" means this process's GPU under torchrun."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(f"cuda:{local_rank}" if name == "cuda" else name)
+
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def pick_dtype(name: str, device: torch.device) -> torch.dtype:
+    """Base-model weights: "auto" is bf16 on CUDA as released (method.md §3.3), fp32 on CPU (bit-reproducible)."""
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return DTYPES[name]
+
+
 def resolve_model_dir(size: str | None = None, model_dir=None) -> Path:
     """--model DIR wins; else the preset: "tiny" ships in the repo, released sizes come from the HF cache or hub."""
     if model_dir is not None:

@@ -32,12 +32,6 @@ UNABLE = "Unable to determine."  # method.md §6.2: what an empty teacher answer
 
 
 # ------------------------------------------------------------------------------------------------ setup helpers
-def pick_device(name: str, local_rank: int = 0) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(f"cuda:{local_rank}" if name == "cuda" else name)
-
-
 def model_setup(args, device):
     """Base model + Processor. bf16 weights on CUDA as released (method.md §3.3), fp32 on CPU."""
     try:
@@ -46,8 +40,7 @@ def model_setup(args, device):
         raise SystemExit(f"error: {e}") from None
     if not (Path(model_dir) / "config.json").is_file():
         raise SystemExit(f"error: no base model at {model_dir} (pass --model DIR, or build the toy base first)")
-    dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32,
-             "bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
+    dtype = M.pick_dtype(args.dtype, device)
     # The method reads 12 frames resized to a 384-px longest edge on the released models (§2); a model folder of
     # our own (the toy base) keeps the frame size its processor config names.
     video_size = args.video_size or (384 if args.model is None and args.size in M.PRESETS else None)
@@ -66,7 +59,7 @@ class Dist:
     def __init__(self, device_name: str):
         self.world = int(os.environ.get("WORLD_SIZE", "1"))
         self.rank, self.local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-        self.device = pick_device(device_name, self.local_rank)
+        self.device = M.pick_device(device_name, self.local_rank)
         if self.world > 1:
             if self.device.type == "cuda":
                 torch.cuda.set_device(self.device)
@@ -416,7 +409,7 @@ def teacher(args):
     """method.md §6.2: the frozen VLM answers each row's prompt with the video in context (greedy, left-padded
     batches); its answer replaces target_text. Appends one batch at a time (flush + fsync), so a rerun resumes
     after the last finished row and never rewrites one."""
-    device = pick_device(args.device)
+    device = M.pick_device(args.device)
     vlm, proc, model_dir = model_setup(args, device)
     rows, malformed = data.read_manifest(args.manifest)
     out = Path(args.out)

@@ -59,7 +59,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.quick:
         args.frames = 4
-    device = train.pick_device(args.device)
+    device = M.pick_device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     config = M.preset_config(args.size)
     torch.manual_seed(0)
