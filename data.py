@@ -415,11 +415,16 @@ class VideoTextDataset(torch.utils.data.Dataset):
     def __getitem__(self, i: int):
         row = self.rows[i]
         try:
-            ctx_ids, pixels = self.proc.internalization_inputs(row["video_path"])
+            clip = self.proc.load_video(row["video_path"])
         except DecodeError as e:
             self.undecodable += 1
             _warn(f"row {row['id']} skipped: {e}")
             return None
+        return self.item(row, clip)
+
+    def item(self, row: dict, clip: Clip) -> dict:
+        """One decoded row -> the tensors `collate` pads. Subclasses add views of the same clip here."""
+        ctx_ids, pixels = self.proc.internalization_inputs(clip)
         ids, labels = self.proc.training_pair(row["prompt"], row["target_text"])
         return {"id": row["id"], "pixel_values": pixels, "ctx_ids": ctx_ids[0], "ids": ids, "labels": labels}
 

@@ -85,21 +85,14 @@ class Rows(data.VideoTextDataset):
         super().__init__(manifest, proc)
         self.rows, self.teacher_view = self.rows[:limit], teacher_view
 
-    def __getitem__(self, i: int):
-        if not self.teacher_view:
-            return super().__getitem__(i)
-        row = self.rows[i]
-        try:
-            clip = self.proc.load_video(row["video_path"])  # decoded once, used for both prompts
-        except data.DecodeError as e:
-            print(f"warning: row {row['id']} skipped: {e}", file=sys.stderr)
-            return None
-        ctx_ids, pixels = self.proc.internalization_inputs(clip)
-        ids, labels = self.proc.training_pair(row["prompt"], row["target_text"])
-        head, _ = self.proc.question_inputs(row["prompt"], video=clip)
-        tail = labels[labels != -100]
-        return {"id": row["id"], "pixel_values": pixels, "ctx_ids": ctx_ids[0], "ids": ids, "labels": labels,
-                "t_ids": torch.cat([head[0], tail]), "t_labels": torch.cat([torch.full_like(head[0], -100), tail])}
+    def item(self, row: dict, clip: data.Clip) -> dict:
+        out = super().item(row, clip)
+        if self.teacher_view:  # the same decoded clip, as the teacher saw it: video in context, then the answer
+            head, _ = self.proc.question_inputs(row["prompt"], video=clip)
+            tail = out["labels"][out["labels"] != -100]
+            out["t_ids"] = torch.cat([head[0], tail])
+            out["t_labels"] = torch.cat([torch.full_like(head[0], -100), tail])
+        return out
 
     def collate(self, items):
         out = super().collate(items)
