@@ -47,6 +47,11 @@ class HyperConfig:
     rank: int = 16
     alpha: float = 128.0                              # the multiplier itself, not alpha/r (method.md §4)
     rms_norm_eps: float = 1e-6
+    # How dW = 0 is reached at initialisation. "released": scaler_B = 0 (method.md §3.2, what the authors trained).
+    # "lora": the head's B columns = 0 and scaler_B = 1, plain LoRA's zero-B trick. Same function at init, but with
+    # scaler_B = 0 no gradient reaches the generating head until scaler_B itself drifts away from 0; in a short
+    # training run the static LoRA absorbs everything meanwhile and the adapter never depends on the video.
+    init: str = "released"
 
     @property
     def targets(self) -> tuple[str, ...]:
@@ -225,10 +230,17 @@ class HyperNet(nn.Module):
                     nn.init.zeros_(m.bias)
         nn.init.normal_(self.encoder.latents_q)
         nn.init.normal_(self.decoder.latents_q)
+        if c.init not in ("released", "lora"):
+            raise ValueError(f"unknown hypernetwork init {c.init!r}: choose released or lora")
         for t, d_in, d_out in c.target_shapes:
             nn.init.normal_(self.head[t], 0.0, 0.5 / math.sqrt(c.latent_size + (d_in + d_out) * c.rank))
             nn.init.ones_(self.scaler_A[t])
-            nn.init.zeros_(self.scaler_B[t])
+            if c.init == "lora":
+                with torch.no_grad():
+                    self.head[t][..., d_in:] = 0.0  # (L, W, d_in + d_out): the B half of every generated row
+                nn.init.ones_(self.scaler_B[t])
+            else:
+                nn.init.zeros_(self.scaler_B[t])
             nn.init.normal_(self.bias_A[t], 0.0, 0.2 / math.sqrt(d_in * c.rank))
             nn.init.zeros_(self.bias_B[t])
 

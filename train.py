@@ -298,7 +298,8 @@ def _ignore_sigint(_worker_id):
 
 
 # ------------------------------------------------------------------------------------------------ the loop
-HYPER_FLAGS = ("latent_size", "n_latents", "num_blocks", "n_heads", "head_dim", "n_kv_heads", "rank", "alpha")
+HYPER_FLAGS = ("latent_size", "n_latents", "num_blocks", "n_heads", "head_dim", "n_kv_heads", "rank", "alpha",
+               "init")
 
 
 def hyper_config(args, vlm_config) -> HyperConfig:
@@ -484,7 +485,8 @@ def train_parser() -> argparse.ArgumentParser:
     g.add_argument("--targets", nargs="+", default=["down_proj"], choices=list(M.LORA_TARGETS))
     for f in HYPER_FLAGS:  # --latent-size, --n-latents, ..., named as the HyperConfig fields they set
         default = HyperConfig.__dataclass_fields__[f].default
-        g.add_argument("--" + f.replace("_", "-"), type=type(default), default=default, help=f"default {default}")
+        g.add_argument("--" + f.replace("_", "-"), type=type(default), default=default, help=f"default {default}",
+                       choices=("released", "lora") if f == "init" else None)
     return p
 
 

@@ -187,3 +187,24 @@ def test_end_to_end_with_the_base_model():
         net.scaler_B["down_proj"].fill_(1.0)
         changed = vlm(prompt, lora=net(hidden, torch.ones(2, 9)), lora_alpha=net.config.alpha).logits
     assert not torch.allclose(changed, base, atol=1e-4)
+
+
+def test_lora_init_is_also_zero_but_trains_the_head_from_step_one():
+    """init="lora" (head's B columns 0, scaler_B 1) starts at dW = 0 exactly like the released init, but the generating
+    head gets a gradient at once; with the released init (scaler_B = 0) it gets none until scaler_B moves."""
+    grads = {}
+    for init in ("released", "lora"):
+        torch.manual_seed(0)
+        net = HyperNet(HyperConfig.for_model(model_config(), targets=("down_proj",), init=init, **TINY_PERCEIVER))
+        h, mask = inputs(net)
+        A, B = net(h, mask)["down_proj"]
+        assert torch.count_nonzero(B) == 0, init
+        # A stand-in loss that wants some dW: the B rows' gradient is then nonzero.
+        (B * torch.randn_like(B)).sum().backward()
+        grads[init] = (net.head["down_proj"].grad[..., 40:].abs().sum().item(),  # the head's B half (d_in = 40)
+                       net.scaler_B["down_proj"].grad.abs().sum().item())
+    # released: only scaler_B can move, the head is stuck; lora: the head moves (scaler_B follows once B is nonzero)
+    assert grads["released"][0] == 0.0 and grads["released"][1] > 0.0
+    assert grads["lora"][0] > 0.0
+    with pytest.raises(ValueError, match="unknown hypernetwork init"):
+        HyperNet(HyperConfig.for_model(model_config(), init="other", **TINY_PERCEIVER))
