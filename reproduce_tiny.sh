@@ -16,7 +16,7 @@ python train.py teacher --size tiny --manifest data/toy/train/manifest.jsonl --o
     --batch 32 --max-new-tokens 24
 python train.py --size tiny --train data/toy/train/teacher.jsonl --val data/toy/heldout/manifest.jsonl \
     --out runs/toy --latent-size 128 --n-latents 8 --num-blocks 2 --n-heads 4 --head-dim 32 --n-kv-heads 2 \
-    --rank 8 --lr 1e-3 --batch 16 --accum 1 --steps 1000 --val-every 250 --val-rows 300 --workers 0
+    --rank 8 --lr 1e-3 --batch 16 --accum 1 --steps 1000 --val-every 250 --val-rows 300 --workers 0 --init lora
 mkdir -p checkpoints/tiny/hypernet
 cp runs/toy/best/hypernet.safetensors runs/toy/best/hypernet.json checkpoints/tiny/hypernet/
 
