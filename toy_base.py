@@ -7,7 +7,13 @@
 The model is a SmolVLM2 in miniature (SigLIP tower, pixel-shuffle connector, Llama decoder; toyworld.md) and the
 folder it writes (config.json, model.safetensors, tokenizer.json, processor configs) is laid out exactly like a
 released checkpoint: model.load_model, data.Processor and transformers' SmolVLMForConditionalGeneration all read
-it, and no later stage special-cases it. It learns every question kind and the caption from in-context clips.
+it, and no later stage special-cases it.
+
+Two stages, both inside the --minutes budget, as SmolVLM2 itself was built on a pretrained SigLIP tower:
+  1. the vision tower alone learns each patch's object colour and shape and the patch's place in the frame
+     (pretrain_vision; the heads are thrown away);
+  2. the connector and the decoder learn every question kind and the caption from in-context clips, each clip's
+     questions packed into one multi-turn chat; the tower stays frozen.
 """
 from __future__ import annotations
 
@@ -21,6 +27,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
@@ -31,7 +38,7 @@ import model as M
 import toyworld
 
 
-def toy_config(vocab_size: int, image_token_id: int, scale_factor: int = 4, vision_width: int = 96) -> M.SmolVLMConfig:
+def toy_config(vocab_size: int, image_token_id: int, scale_factor: int = 2, vision_width: int = 96) -> M.SmolVLMConfig:
     """64 px frames of 8 px patches (8 x 8), pixel-shuffled by s: 64 / s^2 tokens per frame; a 4-layer, 128-wide
     Llama decoder."""
     vision = M.VisionConfig(hidden_size=vision_width, intermediate_size=2 * vision_width, num_hidden_layers=2,
@@ -77,13 +84,21 @@ def write_model_dir(out: Path, config: M.SmolVLMConfig, tokenizer, state: dict[s
     os.replace(tmp, out)
 
 
-def init_weights(net: torch.nn.Module, std: float = 0.02):
-    """transformers' init: N(0, std) linears and embeddings, zero biases; norms stay at one."""
+def init_weights(net: M.SmolVLM, std: float = 0.02):
+    """The decoder and connector as transformers initialises them: N(0, std) linears and embeddings, zero biases,
+    norms at one. The vision tower as SigLIP initialises its own: LeCun normal (std 1 / sqrt(fan_in)) linears and
+    patch embedding, N(0, 1 / sqrt(width)) position embeddings. At std 0.02 the patch embedding's output is a
+    fifth of unit scale, the residual branches drown it, and the tower learns shapes far more slowly."""
     for m in net.modules():
         if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d, torch.nn.Embedding)):
             torch.nn.init.normal_(m.weight, std=std)
             if getattr(m, "bias", None) is not None:
                 torch.nn.init.zeros_(m.bias)
+    vision = net.model.vision_model
+    for m in vision.modules():
+        if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)):
+            torch.nn.init.normal_(m.weight, std=m.weight[0].numel() ** -0.5)
+    torch.nn.init.normal_(vision.embeddings.position_embedding.weight, std=vision.embeddings.position_embedding.weight.shape[1] ** -0.5)
 
 
 def load_examples(manifest, proc: data.Processor, limit: int | None = None) -> list[dict]:
@@ -99,8 +114,82 @@ def load_examples(manifest, proc: data.Processor, limit: int | None = None) -> l
         clip = clips[row["video_path"]]
         head, pixels = proc.question_inputs(row["prompt"], video=clip)
         tail = proc.encode(" " + row["target_text"] + "<end_of_utterance>")
-        out.append({"head": head[0].tolist(), "tail": tail, "pixels": pixels, "row": row})
+        out.append({"head": head[0].tolist(), "tail": tail, "pixels": pixels, "row": row, "indices": clip.indices})
     return out
+
+
+def patch_targets(spec: toyworld.ClipSpec, i: int, grid: int) -> torch.Tensor:
+    """(grid * grid, 2) long: the colour and shape class (0 = background) of the object that covers most of each
+    patch of frame i, as the encoder sees it (the frame squashed to a square, row-major patches). A patch is
+    background unless one object's visible pixels fill at least a tenth of it; later objects paint over
+    earlier ones, as in toyworld.render_frame."""
+    h, w = spec.height, spec.width
+    cell = ((np.arange(h)[:, None] + 0.5) * grid // h).astype(int) * grid + ((np.arange(w)[None, :] + 0.5) * grid // w)
+    area = np.bincount(cell.ravel().astype(int), minlength=grid * grid)
+    owner = np.full((h, w), -1)
+    for k, o in enumerate(spec.objects):
+        if i in spec.visible(k):
+            owner[toyworld._mask(o.shape, *spec.position(k, i), o.size, h, w)] = k
+    best, labels = np.zeros(grid * grid), torch.zeros(grid * grid, 2, dtype=torch.long)
+    for k, o in enumerate(spec.objects):
+        cover = np.bincount(cell[owner == k].astype(int), minlength=grid * grid) / area
+        take = (cover >= 0.1) & (cover > best)
+        best = np.where(take, cover, best)
+        labels[torch.from_numpy(take)] = torch.tensor([1 + list(toyworld.COLORS).index(o.color),
+                                                        1 + toyworld.SHAPES.index(o.shape)])
+    return labels
+
+
+def frame_targets(examples: list[dict], grid: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every sampled frame of the examples' clips, once each, with patch_targets: (F, 3, S, S), (F, grid^2, 2)."""
+    frames, targets, seen = [], [], set()
+    for ex in examples:
+        if ex["row"]["video_path"] not in seen:
+            seen.add(ex["row"]["video_path"])
+            spec = toyworld.ClipSpec.from_dict(ex["row"]["spec"])
+            frames.append(ex["pixels"])
+            targets += [patch_targets(spec, i, grid) for i in ex["indices"]]
+    return torch.cat(frames), torch.stack(targets)
+
+
+def pretrain_vision(net: M.SmolVLM, train: list[dict], val: list[dict], steps: int, batch: int, lr: float,
+                    rng: random.Random) -> float:
+    """Stage 1, the toy stand-in for SigLIP's own pretraining: the vision tower learns, per patch, the colour and
+    shape of the object over it and the patch's own place in the frame (linear heads on its output, thrown away
+    after), on the training clips' frames and their mirror images. Through the answer loss alone a tower trained
+    from scratch learns colours but not shapes; and the decoder, which has no absolute positions, can only tell
+    where an object is (hence which way it moves) if the object's own tokens say so. Returns the held-out shape
+    accuracy on object patches."""
+    vision, grid = net.model.vision_model, net.config.vision.image_size // net.config.vision.patch_size
+    frames, targets = frame_targets(train, grid)
+    n_colors = 1 + len(toyworld.COLORS)
+    n_classes = n_colors + 1 + len(toyworld.SHAPES)
+    head = torch.nn.Linear(net.config.vision.hidden_size, n_classes + 2)
+    rows, cols = torch.meshgrid(torch.linspace(-1, 1, grid), torch.linspace(-1, 1, grid), indexing="ij")
+    where = torch.stack([rows.flatten(), cols.flatten()], -1)  # (grid^2, 2): each patch's row and column
+
+    def loss_and_hits(x, y):
+        out = head(vision(x))
+        loss = F.cross_entropy(out[..., :n_colors].flatten(0, 1), y[..., 0].flatten()) + \
+            F.cross_entropy(out[..., n_colors:n_classes].flatten(0, 1), y[..., 1].flatten()) + \
+            F.mse_loss(out[..., n_classes:], where.expand_as(out[..., n_classes:]))
+        return loss, (out[..., n_colors:n_classes].argmax(-1) == y[..., 1])[y[..., 1] > 0]
+
+    opt = torch.optim.AdamW([*vision.parameters(), *head.parameters()], lr=lr, weight_decay=0.01)
+    bar = tqdm(range(steps), desc="toy vision", unit="step")
+    for _ in bar:
+        idx = torch.tensor(rng.sample(range(len(frames)), batch))
+        x, y = frames[idx], targets[idx]
+        if rng.random() < 0.5:  # mirror left-right: upright triangles stay upright; patch columns reverse
+            x, y = x.flip(-1), y.view(batch, grid, grid, 2).flip(2).flatten(1, 2)
+        loss, _ = loss_and_hits(x, y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+    with torch.no_grad():
+        hits = torch.cat([loss_and_hits(x, y)[1] for x, y in zip(*(t.split(256) for t in frame_targets(val, grid)))])
+    return hits.float().mean().item()
 
 
 def conversation(proc: data.Processor, examples: list[dict], rng: random.Random) -> dict:
@@ -168,11 +257,21 @@ def train(args) -> None:
     rng = random.Random(args.seed)
     print(f"{len(train_set)} training clips ({len(train_rows)} questions), {len(val_set)} validation questions; "
           f"{sum(p.numel() for p in net.parameters()) / 1e6:.2f}M parameters", file=sys.stderr)
-    opt = torch.optim.AdamW(net.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.01)
+    start, patch_acc = time.time(), None  # --minutes covers both stages
+    if args.vision_steps:
+        patch_acc = pretrain_vision(net, train_rows, val_set, args.vision_steps, args.vision_batch, args.vision_lr,
+                                    rng)
+        print(f"stage 1 ({(time.time() - start) / 60:.1f} min): held-out shape accuracy on object patches "
+              f"{patch_acc:.3f}", file=sys.stderr)
+    # Stage 2 trains the connector and the decoder on the questions; the tower stays as stage 1 left it (the
+    # answer loss's early, noisy gradient would wipe out what it learned).
+    net.model.vision_model.requires_grad_(not args.vision_steps)
+    opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=args.lr, betas=(0.9, 0.95),
+                            weight_decay=0.01)
     warmup = max(1, args.steps // 20)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, args.steps) / args.steps)))
-    start, bar = time.time(), tqdm(range(args.steps), desc="toy base", unit="step")
+    bar = tqdm(range(args.steps), desc="toy base", unit="step")
     for step in bar:
         net.train()
         batch = [conversation(proc, qs, rng) for qs in rng.sample(train_set, args.batch)]
@@ -192,7 +291,8 @@ def train(args) -> None:
           + ", ".join(f"{k} {v:.3f}" for k, v in acc.items()), file=sys.stderr)
     write_model_dir(Path(args.out), config, tokenizer, net.state_dict())
     (Path(args.out) / "training.json").write_text(json.dumps(
-        {"steps": step + 1, "minutes": round(minutes, 2), "heldout_in_context_accuracy": acc,
+        {"steps": step + 1, "minutes": round(minutes, 2), "heldout_patch_shape_accuracy": patch_acc,
+         "heldout_in_context_accuracy": acc,
          "args": vars(args)}, indent=2) + "\n")
     shutil.rmtree(stage, ignore_errors=True)
     print(f"wrote {args.out}", file=sys.stderr)
@@ -204,12 +304,15 @@ def main(argv=None):
     p.add_argument("--val", default="data/toy/heldout/manifest.jsonl", help="held-out manifest for the final score")
     p.add_argument("--val-clips", type=int, default=100, help="held-out clips scored at the end")
     p.add_argument("--out", default=str(M.TINY_DIR), help="model folder to write (default: the shipped one)")
-    p.add_argument("--steps", type=int, default=1600)
+    p.add_argument("--vision-steps", type=int, default=4000, help="stage 1: vision tower pretraining steps")
+    p.add_argument("--vision-batch", type=int, default=64, help="stage 1: frames per step")
+    p.add_argument("--vision-lr", type=float, default=1e-3)
+    p.add_argument("--steps", type=int, default=2400)
     p.add_argument("--batch", type=int, default=16, help="clips per step, each with all of its questions")
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--minutes", type=float, default=20.0, help="stop early at this wall-clock budget (0: none)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--scale-factor", type=int, default=4, help="pixel shuffle: 64 / s^2 tokens per frame")
+    p.add_argument("--scale-factor", type=int, default=2, help="pixel shuffle: 64 / s^2 tokens per frame")
     p.add_argument("--vision-width", type=int, default=96)
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1,
                    help="CPU threads; on a busy machine 1 avoids OpenMP threads waiting on each other")

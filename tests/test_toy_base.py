@@ -1,0 +1,81 @@
+"""toy_base.py: the stage-1 patch targets and the two-stage training of the toy base VLM, at toy scale."""
+from __future__ import annotations
+
+import json
+
+import pytest
+from safetensors.torch import load_file
+
+import model as M
+import toy_base
+import toyworld as T
+
+
+def _obj(color="red", shape="square", size=16, x=0.0, y=0.0, direction="right"):
+    return T.ObjectSpec(color, T.COLORS[color], shape, size, x, y, direction, 0.25)
+
+
+def _grid(labels, channel):
+    return labels[:, channel].view(8, 8).tolist()
+
+
+def test_patch_targets_mark_the_patches_an_object_covers():
+    # A 16 px square at (16, 8) of a 64 x 64 frame covers patches rows 1-2, columns 2-3 exactly.
+    spec = T.ClipSpec(64, 64, 4, 8, (_obj("green", "square", 16, 16.0, 8.0),))
+    labels = toy_base.patch_targets(spec, 0, 8)
+    covered = {(r, c) for r in range(8) for c in range(8) if _grid(labels, 0)[r][c]}
+    assert covered == {(1, 2), (1, 3), (2, 2), (2, 3)}
+    assert {labels[r * 8 + c, 0].item() for r, c in covered} == {1 + list(T.COLORS).index("green")}
+    assert {labels[r * 8 + c, 1].item() for r, c in covered} == {1 + T.SHAPES.index("square")}
+    # It moves right by 0.25 * 64 = 16 px over the clip: two patch columns at the last frame.
+    last = toy_base.patch_targets(spec, 7, 8)
+    assert {(r, c) for r in range(8) for c in range(8) if _grid(last, 1)[r][c]} == {(1, 4), (1, 5), (2, 4), (2, 5)}
+
+
+def test_patch_targets_follow_the_squash_to_a_square():
+    # A 128 x 64 frame is squashed to 64 x 64: a 16 px square at x = 32 covers patch columns 2 only (16 frame px
+    # are 8 encoder px) and rows 0-1 (16 frame px are 16 encoder px).
+    spec = T.ClipSpec(128, 64, 4, 8, (_obj("blue", "square", 16, 32.0, 0.0),))
+    labels = toy_base.patch_targets(spec, 0, 8)
+    assert {(r, c) for r in range(8) for c in range(8) if _grid(labels, 1)[r][c]} == {(0, 2), (1, 2)}
+
+
+def test_patch_targets_occlusion_thresholds_and_two_part_visibility():
+    a, b = _obj("red", "square", 16, 0.0, 0.0), _obj("yellow", "circle", 16, 0.0, 0.0)
+    on_top = toy_base.patch_targets(T.ClipSpec(64, 64, 4, 8, (a, b)), 0, 8)
+    assert on_top[0, 1].item() == 1 + T.SHAPES.index("circle")  # painted later, wins where both are drawn
+    # At (7.5, 4.5) the square covers 3 of patch 0's 64 pixels (under a tenth) and 24 of patch 1's.
+    sliver = toy_base.patch_targets(T.ClipSpec(64, 64, 4, 8, (_obj("red", "square", 16, 7.5, 4.5),)), 0, 8)
+    assert sliver[0, 1].item() == 0 and sliver[1, 1].item() == 1 + T.SHAPES.index("square")
+    two_part = T.ClipSpec(64, 64, 4, 8, (_obj("red", "square", 16, 0.0, 0.0), _obj("blue", "triangle", 16, 32.0, 32.0)),
+                          two_part=True)
+    first, second = toy_base.patch_targets(two_part, 0, 8), toy_base.patch_targets(two_part, 7, 8)
+    assert set(first[:, 1].tolist()) == {0, 1 + T.SHAPES.index("square")}
+    assert set(second[:, 1].tolist()) == {0, 1 + T.SHAPES.index("triangle")}
+
+
+@pytest.fixture(scope="module")
+def clips(tmp_path_factory):
+    root = tmp_path_factory.mktemp("toy")
+    return (T.write_split("train", 6, root / "train", progress=False),
+            T.write_split("heldout", 2, root / "heldout", progress=False))
+
+
+def _train(clips, out, steps):
+    toy_base.main(["--train", str(clips[0]), "--val", str(clips[1]), "--out", str(out), "--steps", str(steps),
+                   "--batch", "2", "--vision-steps", "3", "--vision-batch", "4", "--val-clips", "2",
+                   "--minutes", "0", "--threads", "1"])
+    return load_file(out / "model.safetensors")
+
+
+def test_two_stage_training_writes_a_loadable_model_and_stage_2_leaves_the_tower_alone(clips, tmp_path):
+    one, three = _train(clips, tmp_path / "one", 1), _train(clips, tmp_path / "three", 3)
+    vision = [k for k in one if ".vision_model." in k]
+    text = [k for k in one if ".text_model." in k or ".connector." in k]
+    assert vision and text
+    assert all((one[k] == three[k]).all() for k in vision)       # same stage 1, then frozen
+    assert any((one[k] != three[k]).any() for k in text)          # stage 2 trained the rest
+    assert M.load_model(tmp_path / "three").config.image_seq_len == 16  # default pixel shuffle 2: 16 tokens
+    report = json.loads((tmp_path / "three" / "training.json").read_text())
+    assert report["steps"] == 3 and 0.0 <= report["heldout_patch_shape_accuracy"] <= 1.0
+    assert set(report["heldout_in_context_accuracy"]) >= {"color", "shape", "count", "overall"}
