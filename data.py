@@ -401,30 +401,42 @@ def read_manifest(path, data_root=None) -> tuple[list[dict], int]:
 class VideoTextDataset(torch.utils.data.Dataset):
     """One item per manifest row: the video's internalization inputs plus the text-only training pair. Rows whose
     video is missing are dropped up front; one that fails to decode yields None, which `collate` drops; both are
-    counted (`summary()`; with DataLoader workers, decode failures are counted in the batch's "skipped")."""
+    counted (`summary()`; with DataLoader workers, decode failures are counted in the batch's "skipped").
 
-    def __init__(self, manifest, processor: Processor, data_root=None):
+    `cache_mb` > 0 keeps each video's processed inputs in memory, up to that many MB (per DataLoader worker), so a
+    clip asked about in several rows, or seen again next epoch, is decoded once. Worth it when the frames are
+    small or the set fits in RAM (the toy world: decoding was half of a training step); off by default."""
+
+    def __init__(self, manifest, processor: Processor, data_root=None, cache_mb: float = 0):
         self.manifest, self.proc = Path(manifest), processor
         rows, self.malformed = read_manifest(manifest, data_root)
         self.rows = [r for r in rows if Path(r["video_path"]).is_file()]
         self.missing, self.undecodable = len(rows) - len(self.rows), 0
+        self.cache: dict[str, tuple] = {}
+        self.cache_left = int(cache_mb * 2**20)
 
     def __len__(self):
         return len(self.rows)
 
     def __getitem__(self, i: int):
         row = self.rows[i]
+        if row["video_path"] in self.cache:
+            return self.item(row, *self.cache[row["video_path"]])
         try:
             clip = self.proc.load_video(row["video_path"])
         except DecodeError as e:
             self.undecodable += 1
             _warn(f"row {row['id']} skipped: {e}")
             return None
-        return self.item(row, clip)
-
-    def item(self, row: dict, clip: Clip) -> dict:
-        """One decoded row -> the tensors `collate` pads. Subclasses add views of the same clip here."""
         ctx_ids, pixels = self.proc.internalization_inputs(clip)
+        size = sum(getattr(f, "nbytes", 0) for f in clip.frames) + sum(t.numel() * t.element_size()
+                                                                         for t in (ctx_ids, pixels))
+        if size <= self.cache_left:
+            self.cache[row["video_path"]], self.cache_left = (clip, ctx_ids, pixels), self.cache_left - size
+        return self.item(row, clip, ctx_ids, pixels)
+
+    def item(self, row: dict, clip: Clip, ctx_ids: torch.Tensor, pixels: torch.Tensor) -> dict:
+        """One decoded row -> the tensors `collate` pads. Subclasses add views of the same clip here."""
         ids, labels = self.proc.training_pair(row["prompt"], row["target_text"])
         return {"id": row["id"], "pixel_values": pixels, "ctx_ids": ctx_ids[0], "ids": ids, "labels": labels}
 

@@ -81,12 +81,12 @@ class Rows(data.VideoTextDataset):
     """VideoTextDataset, plus (for the KL term) the teacher's view of the same clip: [user: video, prompt] +
     generation prompt + the answer, so its logits on the answer line up with the student's."""
 
-    def __init__(self, manifest, proc, teacher_view: bool = False, limit: int | None = None):
-        super().__init__(manifest, proc)
+    def __init__(self, manifest, proc, teacher_view: bool = False, limit: int | None = None, cache_mb: float = 0):
+        super().__init__(manifest, proc, cache_mb=cache_mb)
         self.rows, self.teacher_view = self.rows[:limit], teacher_view
 
-    def item(self, row: dict, clip: data.Clip) -> dict:
-        out = super().item(row, clip)
+    def item(self, row: dict, clip: data.Clip, ctx_ids, pixels) -> dict:
+        out = super().item(row, clip, ctx_ids, pixels)
         if self.teacher_view:  # the same decoded clip, as the teacher saw it: video in context, then the answer
             head, _ = self.proc.question_inputs(row["prompt"], video=clip)
             tail = out["labels"][out["labels"] != -100]
@@ -311,8 +311,8 @@ def train(args) -> dict:
     torch.manual_seed(args.seed)
     vlm, proc, model_dir = model_setup(args, d.device)
     run, say = Path(args.out), (print if d.rank == 0 else (lambda *a, **k: None))
-    train_set = Rows(args.train, proc, teacher_view=args.kl_weight > 0)
-    val_set = Rows(args.val, proc, limit=args.val_rows) if args.val else None
+    train_set = Rows(args.train, proc, teacher_view=args.kl_weight > 0, cache_mb=args.cache_mb)
+    val_set = Rows(args.val, proc, limit=args.val_rows, cache_mb=args.cache_mb) if args.val else None
     say(f"device {d.device} x {d.world}, base {model_dir}; {train_set.summary()}", file=sys.stderr)
     if len(train_set) == 0:
         raise SystemExit(f"error: {args.train} has no rows with a video file")
@@ -478,6 +478,8 @@ def train_parser() -> argparse.ArgumentParser:
     g.add_argument("--stop-at", type=int, default=None, help="stop after this step, keeping the --steps schedule "
                                                             "(for time-sliced jobs; continue with --resume)")
     g.add_argument("--workers", type=int, default=2, help="DataLoader processes decoding videos")
+    g.add_argument("--cache-mb", type=float, default=0, help="keep decoded clips in memory, up to this many MB per "
+                   "dataset and DataLoader worker (default 0: decode every time)")
     g.add_argument("--layer-chunk", type=int, default=None, help="hypernet layers per chunk (less memory)")
     g.add_argument("--compile", choices=["auto", "on", "off"], default="auto", help="torch.compile the perceiver "
                                                                                      "(auto: on CUDA)")

@@ -301,3 +301,24 @@ def test_manifest_dataset_and_collate(model_dir, clips, tmp_path, monkeypatch, c
     for b, row in enumerate([rows[0], rows[3]]):
         one, lab = ds.proc.training_pair(row["prompt"], row["target_text"])
         assert ids[b, : len(one)].tolist() == one.tolist() and labels[b, : len(one)].tolist() == lab.tolist()
+
+
+def test_dataset_clip_cache(model_dir, clips, tmp_path, monkeypatch):
+    """--cache-mb: a clip asked about in several rows is decoded once and gives the same tensors; the budget is
+    respected (a cache too small for a clip holds nothing)."""
+    rows = [{"id": str(i), "video_path": str(clips["cfr"]), "prompt": f"Question {i}?", "target_text": "A bar."}
+            for i in range(3)]
+    (tmp_path / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    plain = data.VideoTextDataset(tmp_path / "m.jsonl", data.Processor(model_dir))
+    cached = data.VideoTextDataset(tmp_path / "m.jsonl", data.Processor(model_dir), cache_mb=16)
+    tiny = data.VideoTextDataset(tmp_path / "m.jsonl", data.Processor(model_dir), cache_mb=0.001)
+    decodes = []
+    for ds in (cached, tiny):
+        real = ds.proc.load_video
+        monkeypatch.setattr(ds.proc, "load_video", lambda p, real=real: decodes.append(p) or real(p))
+    for i in range(3):
+        want = plain[i]
+        for got in (cached[i], tiny[i]):
+            assert got["id"] == want["id"] and torch.equal(got["pixel_values"], want["pixel_values"])
+            assert torch.equal(got["ctx_ids"], want["ctx_ids"]) and torch.equal(got["ids"], want["ids"])
+    assert len(decodes) == 1 + 3 and len(cached.cache) == 1 and not tiny.cache
