@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 import model as M
@@ -62,10 +63,18 @@ def clips(tmp_path_factory):
 
 
 def _train(clips, out, steps):
+    threads = torch.get_num_threads()  # --threads sets the process-wide count: give the rest of the suite its own back
+    try:
+        _main(clips, out, steps)
+    finally:
+        torch.set_num_threads(threads)
+    return load_file(out / "model.safetensors")
+
+
+def _main(clips, out, steps):
     toy_base.main(["--train", str(clips[0]), "--val", str(clips[1]), "--out", str(out), "--steps", str(steps),
                    "--batch", "2", "--vision-steps", "3", "--vision-batch", "4", "--val-clips", "2",
                    "--minutes", "0", "--threads", "1"])
-    return load_file(out / "model.safetensors")
 
 
 def test_two_stage_training_writes_a_loadable_model_and_stage_2_leaves_the_tower_alone(clips, tmp_path):

@@ -128,8 +128,11 @@ def test_interrupt_and_resume_match_an_uninterrupted_run(world, tmp_path):
     train.main(run_args(world, full, *common, manifest="mb.jsonl"))
     # Ctrl-C a real process mid-run: it finishes the step, saves latest/ and exits cleanly.
     part = tmp_path / "part"
+    # The same thread count as this process: float sums split differently over threads differ in the last bits.
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
     proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *run_args(world, part, *common,
-                             manifest="mb.jsonl")], cwd=ROOT, stderr=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+                             manifest="mb.jsonl")], cwd=ROOT, stderr=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            env=env)
     while proc.poll() is None and not ((part / "log.jsonl").is_file() and log(part)):
         time.sleep(0.02)
     proc.send_signal(signal.SIGINT)
