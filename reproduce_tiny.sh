@@ -18,7 +18,7 @@ python train.py teacher --size tiny --manifest data/toy/train/manifest.jsonl --o
 resume=(); [ -d runs/toy/latest ] && resume=(--resume)   # an interrupted run goes on from its last checkpoint
 python train.py --size tiny --train data/toy/train/teacher.jsonl --val data/toy/heldout/manifest.jsonl \
     --out runs/toy --latent-size 128 --n-latents 8 --num-blocks 2 --n-heads 4 --head-dim 32 --n-kv-heads 2 \
-    --rank 8 --lr 1e-3 --batch 16 --accum 1 --steps 3000 --val-every 250 --save-every 250 --val-rows 300 --workers 0 \
+    --rank 8 --lr 5e-4 --batch 16 --accum 1 --steps 3000 --val-every 250 --save-every 250 --val-rows 300 --workers 0 \
     --init lora --cache-mb 2000 ${resume[@]+"${resume[@]}"}
 mkdir -p checkpoints/tiny/hypernet
 cp runs/toy/best/hypernet.safetensors runs/toy/best/hypernet.json checkpoints/tiny/hypernet/
