@@ -17,8 +17,8 @@ python train.py teacher --size tiny --manifest data/toy/train/manifest.jsonl --o
     --batch 32 --max-new-tokens 24
 resume=(); [ -d runs/toy/latest ] && resume=(--resume)   # an interrupted run goes on from its last checkpoint
 python train.py --size tiny --train data/toy/train/teacher.jsonl --val data/toy/heldout/manifest.jsonl \
-    --out runs/toy --latent-size 128 --n-latents 8 --num-blocks 2 --n-heads 4 --head-dim 32 --n-kv-heads 2 \
-    --rank 8 --lr 5e-4 --batch 16 --accum 1 --steps 3000 --val-every 250 --save-every 250 --val-rows 300 --workers 0 \
+    --out runs/toy --latent-size 128 --n-latents 16 --num-blocks 2 --n-heads 4 --head-dim 32 --n-kv-heads 2 \
+    --rank 16 --lr 5e-4 --batch 16 --accum 1 --steps 3000 --val-every 250 --save-every 250 --val-rows 300 --workers 0 \
     --init lora --cache-mb 2000 ${resume[@]+"${resume[@]}"}
 mkdir -p checkpoints/tiny/hypernet
 cp runs/toy/best/hypernet.safetensors runs/toy/best/hypernet.json checkpoints/tiny/hypernet/
