@@ -305,6 +305,31 @@ def internalize(vlm, net: HyperNet, input_ids, attention_mask=None, pixel_values
     return net(hidden, mask, layer_chunk=layer_chunk)
 
 
+def compose_lora(lora: dict, owner: torch.Tensor, rank: int) -> dict:
+    """Segment LoRAs -> one LoRA per video, composed in rank space exactly as adapter.concat composes saved adapters
+    (method.md §7: generated rows side by side, the static rows once), but batched and differentiable, so training
+    can go through the composition that `internalize.py --segments` and compose.py perform.
+
+    lora: {t: (A (N, L, 2r, d_in), B (N, L, 2r, d_out))} for N segments; owner (N,) long: the video (0..V-1) each
+    segment belongs to, a video's segments consecutive and in time order. Video v gets
+    A = [A_gen(seg 1); ...; A_gen(seg k_v); 0; ...; 0; A_static], of rank (K + 1) r with K = max k_v: the zero rows
+    that pad a video with fewer segments leave its dW unchanged."""
+    V = int(owner.max()) + 1
+    counts = torch.bincount(owner, minlength=V)
+    first = torch.cumsum(counts, 0) - counts                       # (V,) each video's first segment
+    slot = torch.arange(len(owner), device=owner.device) - first[owner]  # (N,) place of a segment in its video
+    K, out = int(counts.max()), {}
+    for t, ab in lora.items():
+        parts = []
+        for X in ab:
+            _, L, _, d = X.shape
+            gen = X.new_zeros(V, K, L, rank, d).index_put((owner, slot), X[:, :, :rank])  # (V, K, L, r, d)
+            gen = gen.transpose(1, 2).reshape(V, L, K * rank, d)
+            parts.append(torch.cat([gen, X[first, :, rank:]], dim=2))  # (V, L, (K + 1) r, d)
+        out[t] = tuple(parts)
+    return out
+
+
 def compile_hypernet(net: HyperNet, enabled: bool | None = None) -> HyperNet:
     """torch.compile the perceiver (the heavy part) in place; default on for CUDA, off on CPU.
 

@@ -16,7 +16,7 @@ Run folder (--out): log.jsonl (one line per step and per validation), and the ch
 """
 from __future__ import annotations
 
-import argparse, contextlib, json, math, os, shutil, signal, sys, time
+import argparse, contextlib, json, math, os, shutil, signal, sys, time, zlib
 from pathlib import Path
 
 import torch
@@ -26,7 +26,8 @@ from tqdm import tqdm
 
 import data
 import model as M
-from hypernet import HyperConfig, HyperNet, compile_hypernet, load_hypernet, save_hypernet
+from hypernet import HyperConfig, HyperNet, compile_hypernet, compose_lora, load_hypernet, save_hypernet
+from internalize import plan_segments
 
 UNABLE = "Unable to determine."  # method.md §6.2: what an empty teacher answer becomes
 
@@ -78,28 +79,70 @@ class Dist:
 
 
 class Rows(data.VideoTextDataset):
-    """VideoTextDataset, plus (for the KL term) the teacher's view of the same clip: [user: video, prompt] +
-    generation prompt + the answer, so its logits on the answer line up with the student's."""
+    """VideoTextDataset, plus two optional views of the same clip:
 
-    def __init__(self, manifest, proc, teacher_view: bool = False, limit: int | None = None, cache_mb: float = 0):
+    - teacher_view (for the KL term): the teacher's input, [user: video, prompt] + generation prompt + the answer,
+      so its logits on the answer line up with the student's;
+    - compose_prob > 0 (composition training): that fraction of rows, chosen by a hash of (seed, row id), read
+      their clip as `compose_parts` equal segments, each decoded and internalized on its own exactly as
+      `internalize.py --segments N` does; their adapters are composed in rank space (hypernet.compose_lora) and the
+      composed adapter answers the row. Segments are cached beside the whole clips, within the same cache_mb.
+    """
+
+    def __init__(self, manifest, proc, teacher_view: bool = False, limit: int | None = None, cache_mb: float = 0,
+                 compose_prob: float = 0.0, compose_parts: int = 2, seed: int = 0):
         super().__init__(manifest, proc, cache_mb=cache_mb)
         self.rows, self.teacher_view = self.rows[:limit], teacher_view
+        self.compose_prob, self.compose_parts, self.seed = compose_prob, compose_parts, seed
 
-    def item(self, row: dict, clip: data.Clip, ctx_ids, pixels) -> dict:
+    def composed(self, row: dict) -> bool:
+        """Whether this row trains a composed adapter: fixed per (seed, row id), so a resumed run agrees."""
+        return zlib.crc32(f"{self.seed}:{row['id']}".encode()) < self.compose_prob * 2**32
+
+    def segment_inputs(self, path: str, start: float, end: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """(ctx_ids (T,), pixels (F, 3, S, S)) of one segment, as internalize.encode_segment reads it."""
+        key = f"{path}#{start!r}-{end!r}"
+        if key not in self.cache:
+            ids, pixels = self.proc.internalization_inputs(self.proc.load_video(path, start=start, end=end))
+            size = sum(t.numel() * t.element_size() for t in (ids, pixels))
+            if size > self.cache_left:
+                return ids[0], pixels
+            self.cache[key], self.cache_left = (ids[0], pixels), self.cache_left - size
+        return self.cache[key]
+
+    def item(self, row: dict, clip: data.Clip, ctx_ids, pixels) -> dict | None:
         out = super().item(row, clip, ctx_ids, pixels)
         if self.teacher_view:  # the same decoded clip, as the teacher saw it: video in context, then the answer
             head, _ = self.proc.question_inputs(row["prompt"], video=clip)
             tail = out["labels"][out["labels"] != -100]
             out["t_ids"] = torch.cat([head[0], tail])
             out["t_labels"] = torch.cat([torch.full_like(head[0], -100), tail])
+        if self.compose_prob > 0 and self.composed(row):
+            try:
+                out["segments"] = [self.segment_inputs(row["video_path"], s, e)
+                                   for s, e in plan_segments(0.0, clip.duration, self.compose_parts, None)]
+            except data.DecodeError as e:
+                self.undecodable += 1
+                print(f"warning: row {row['id']} skipped: {e}", file=sys.stderr)
+                return None
         return out
 
     def collate(self, items):
         out = super().collate(items)
-        if out is not None and self.teacher_view:
-            kept = [x for x in items if x is not None]
+        if out is None:
+            return None
+        kept = [x for x in items if x is not None]
+        if self.teacher_view:
             out["t_ids"], out["t_mask"] = data.pad_batch([x["t_ids"] for x in kept], self.proc.pad_id, "right")
             out["t_labels"], _ = data.pad_batch([x["t_labels"] for x in kept], -100, "right")
+        if any("segments" in x for x in kept):
+            # The VLM reads every segment as its own video; `owner` says whose adapter each one becomes part of.
+            # pixel_values keeps the whole clips (the teacher view reads them).
+            segs = [(i, *s) for i, x in enumerate(kept) for s in x.get("segments", [(x["ctx_ids"], x["pixel_values"])])]
+            out["ctx_ids"], out["ctx_mask"] = data.pad_batch([s[1] for s in segs], self.proc.pad_id, "left")
+            out["ctx_pixels"] = torch.cat([s[2] for s in segs])
+            out["owner"] = torch.tensor([s[0] for s in segs])
+            out["composed"] = sum("segments" in x for x in kept)
         return out
 
 
@@ -136,12 +179,16 @@ def sample_losses(vlm: M.SmolVLM, hyper, batch: dict, layer_chunk=None, kl_temp=
     """Per-sample response CE (B,) and, if kl_temp is set, per-sample KL to the video-in-context teacher (B,)."""
     with torch.no_grad():
         # 1. Encode [video + instruction]; keep the L states *entering* each layer (method.md §2).
-        out = vlm(batch["ctx_ids"], batch["pixel_values"], batch["ctx_mask"], output_hidden_states=True,
-                  logits="none")
+        # With composition training (Rows.compose_prob) these are segments, several per sample.
+        out = vlm(batch["ctx_ids"], batch.get("ctx_pixels", batch["pixel_values"]), batch["ctx_mask"],
+                  output_hidden_states=True, logits="none")
         H = torch.stack(out.hidden_states, dim=1)  # L x (B, T, D) -> (B, L, T, D)
     # 2. One LoRA per sample: {target: (A (B, L, 2r, d_in), B (B, L, 2r, d_out))}; alpha multiplies directly (§4).
     lora = hyper(H, batch["ctx_mask"], layer_chunk=layer_chunk)
-    alpha = (hyper.module if hasattr(hyper, "module") else hyper).config.alpha
+    config = (hyper.module if hasattr(hyper, "module") else hyper).config
+    alpha = config.alpha
+    if "owner" in batch:  # segment adapters -> one composed adapter per sample, as compose.py would make it
+        lora = compose_lora(lora, batch["owner"], config.rank)
     # 3. Text only, zero visual tokens: [user: prompt][assistant: teacher answer], right-padded.
     logits = vlm(batch["input_ids"], attention_mask=batch["attention_mask"], lora=lora, lora_alpha=alpha).logits
     labels = batch["labels"]
@@ -311,7 +358,10 @@ def train(args) -> dict:
     torch.manual_seed(args.seed)
     vlm, proc, model_dir = model_setup(args, d.device)
     run, say = Path(args.out), (print if d.rank == 0 else (lambda *a, **k: None))
-    train_set = Rows(args.train, proc, teacher_view=args.kl_weight > 0, cache_mb=args.cache_mb)
+    if not 0 <= args.compose_prob <= 1 or args.compose_parts < 2:
+        raise SystemExit("error: --compose-prob must be in [0, 1] and --compose-parts at least 2")
+    train_set = Rows(args.train, proc, teacher_view=args.kl_weight > 0, cache_mb=args.cache_mb,
+                     compose_prob=args.compose_prob, compose_parts=args.compose_parts, seed=args.seed)
     val_set = Rows(args.val, proc, limit=args.val_rows, cache_mb=args.cache_mb) if args.val else None
     say(f"device {d.device} x {d.world}, base {model_dir}; {train_set.summary()}", file=sys.stderr)
     if len(train_set) == 0:
@@ -470,6 +520,10 @@ def train_parser() -> argparse.ArgumentParser:
     g.add_argument("--clip", type=float, default=1.0, help="gradient-norm clip")
     g.add_argument("--kl-weight", type=float, default=0.0, help="KL to the video-in-context teacher (paper: off)")
     g.add_argument("--kl-temp", type=float, default=1.0, help="KL temperature (loss scaled by its square)")
+    g.add_argument("--compose-prob", type=float, default=0.0,
+                   help="fraction of training rows answered by the composition of their clip's segment adapters "
+                        "(default 0, as the paper: composition is then zero-shot)")
+    g.add_argument("--compose-parts", type=int, default=2, help="equal segments a composed row's clip is cut into")
     g.add_argument("--seed", type=int, default=0, help="init and data order")
     g = p.add_argument_group("running")
     g.add_argument("--val-every", type=int, default=1000, help="validate every N steps (and at the end)")

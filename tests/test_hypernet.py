@@ -6,7 +6,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from hypernet import HyperConfig, HyperNet, compile_hypernet, load_hypernet, param_breakdown, save_hypernet
+import adapter as AD
+from hypernet import (HyperConfig, HyperNet, compile_hypernet, compose_lora, load_hypernet, param_breakdown,
+                      save_hypernet)
 import model as M
 from model import TextConfig, lora_linear
 
@@ -208,3 +210,37 @@ def test_lora_init_is_also_zero_but_trains_the_head_from_step_one():
     assert grads["lora"][0] > 0.0
     with pytest.raises(ValueError, match="unknown hypernetwork init"):
         HyperNet(HyperConfig.for_model(model_config(), init="other", **TINY_PERCEIVER))
+
+
+def test_compose_lora_is_adapter_concat_batched_and_differentiable():
+    """Training-time composition (train.py --compose-prob) builds, for every video of a batch, exactly the adapter
+    compose.py / internalize.py --segments build from its segments; a video with fewer segments is padded with zero
+    rows, which leave its dW unchanged; gradients reach every segment."""
+    net = tiny(targets=("down_proj", "q_proj"))
+    for p in (*net.scaler_B.values(), *net.bias_B.values()):  # make dW non-zero, as after training
+        torch.nn.init.normal_(p, std=0.3)
+    H, mask = inputs(net, B=5, T=6)
+    H.requires_grad_(True)
+    lora = net(H, mask)
+    owner = torch.tensor([0, 0, 0, 1, 2, 2])[:5]  # video 0: segments 0-2, video 1: segment 3, video 2: segment 4
+    composed = compose_lora(lora, owner, net.config.rank)
+    r, meta = net.config.rank, {"segments": [{"video": "v", "video_sha256": "", "start": 0, "end": 1}], "alpha": 1,
+                                 "base_config_sha256": "", "base_weights_sha256": "", "hypernet_sha256": "",
+                                 "targets": list(lora)}
+    for t, ab in lora.items():
+        for A, B in zip(composed[t][0], composed[t][1]):
+            assert A.shape[1] == B.shape[1] == 4 * r  # 3 segments at most, then the static rows
+    single = lambda i: AD.from_lora({t: (a[i:i + 1], b[i:i + 1]) for t, (a, b) in lora.items()}, r, meta)  # noqa
+    want = AD.concat([single(0), single(1), single(2)]).ab
+    for t in lora:
+        assert torch.equal(composed[t][0][0].detach(), want[t][0]) and torch.equal(composed[t][1][0].detach(), want[t][1])
+        for v, seg in ((1, 3), (2, 4)):  # one segment: the same dW as the segment's own adapter
+            dw = torch.einsum("lri,lro->lio", composed[t][0][v], composed[t][1][v])
+            own = torch.einsum("lri,lro->lio", lora[t][0][seg], lora[t][1][seg])
+            torch.testing.assert_close(dw, own, rtol=0, atol=1e-6)
+    loss = sum(a.square().sum() + b.square().sum() for a, b in composed.values())
+    loss.backward()
+    assert all(H.grad[i].abs().sum() > 0 for i in range(5))
+    # Every video with a single segment: nothing changes.
+    ones = compose_lora(lora, torch.arange(5), r)
+    assert all(torch.equal(ones[t][k], lora[t][k]) for t in lora for k in range(2))

@@ -198,3 +198,53 @@ def test_kl_term_and_cli_errors(world, tmp_path):
         train.main(run_args(world, tmp_path / "x", manifest="nope.jsonl"))
     with pytest.raises(SystemExit, match="error: nothing to resume"):
         train.main(["--out", str(tmp_path / "y"), "--resume"])
+
+
+def test_composed_rows_train_the_adapter_that_internalize_segments_makes(world, tmp_path):
+    """--compose-prob: a composed row's loss is the CE of exactly the adapter `internalize.py --segments 2` and
+    compose.py make (each half decoded and internalized alone, ranks concatenated, the static part once); the other
+    rows in the same batch keep their whole-clip adapter. Then the flag trains end to end and bad values are errors."""
+    import adapter as AD
+    from hypernet import HyperConfig
+    from internalize import plan_segments
+    proc, vlm = data.Processor(world["base"], max_frames=12), M.load_model(world["base"])
+    torch.manual_seed(0)
+    net = HyperNet(HyperConfig.for_model(vlm.config, latent_size=32, n_latents=4, num_blocks=1, n_heads=2,
+                                         head_dim=16, n_kv_heads=1, rank=4))
+    for p in (*net.scaler_B.values(), *net.bias_B.values()):  # a non-zero dW, as after training
+        torch.nn.init.normal_(p, std=0.3)
+    rows = train.Rows(world["dir"] / "m.jsonl", proc, compose_prob=0.5, seed=3)
+    composed = [rows.composed(r) for r in rows.rows]
+    assert any(composed) and not all(composed), composed  # the seed mixes both kinds in one batch
+    batch = rows.collate([rows[i] for i in range(len(rows))])
+    assert batch["composed"] == sum(composed) and len(batch["owner"]) == len(rows) + sum(composed)
+    with torch.no_grad():
+        ce, _ = train.sample_losses(vlm, net, batch)
+    meta = {"alpha": net.config.alpha, "base_config_sha256": "", "base_weights_sha256": "", "hypernet_sha256": "",
+            "targets": list(net.config.targets)}
+    for i, row in enumerate(rows.rows):
+        path = rows.rows[i]["video_path"]
+        spans = plan_segments(0.0, proc.load_video(path).duration, 2, None) if composed[i] else [(None, None)]
+        parts = []
+        for s, e in spans:  # internalize.encode_segment, one segment at a time, no padding
+            ids, px = proc.internalization_inputs(proc.load_video(path, start=s, end=e))
+            with torch.no_grad():
+                H = torch.stack(vlm(ids, px, output_hidden_states=True, logits="none").hidden_states, 1)
+                parts.append(AD.from_lora(net(H), net.config.rank, {**meta, "segments": [
+                    {"video": path, "video_sha256": "", "start": s, "end": e}]}))
+        lora = {t: (a[None], b[None]) for t, (a, b) in AD.concat(parts).ab.items()}
+        ids, labels = proc.training_pair(row["prompt"], row["target_text"])
+        with torch.no_grad():
+            logits = vlm(ids[None], lora=lora, lora_alpha=net.config.alpha).logits[0, :-1]
+        want = F_ce(logits, labels[1:])
+        assert ce[i].item() == pytest.approx(want, rel=1e-4), (i, composed[i])
+    run = tmp_path / "composed"
+    train.main(run_args(world, run, "--steps", 3, "--batch", 4, "--accum", 1, "--compose-prob", 0.5))
+    assert len(log(run)) == 3 and all(np.isfinite(log(run)))
+    with pytest.raises(SystemExit, match="error: --compose-prob must be in"):
+        train.main(run_args(world, tmp_path / "bad", "--compose-prob", 1.5))
+
+
+def F_ce(logits, labels) -> float:
+    keep = labels != -100
+    return torch.nn.functional.cross_entropy(logits[keep], labels[keep]).item()
