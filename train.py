@@ -101,7 +101,7 @@ class Rows(data.VideoTextDataset):
 
     def segment_inputs(self, path: str, start: float, end: float) -> tuple[torch.Tensor, torch.Tensor]:
         """(ctx_ids (T,), pixels (F, 3, S, S)) of one segment, as internalize.encode_segment reads it."""
-        key = f"{path}#{start!r}-{end!r}"
+        key = self.segment_key(path, start, end)
         if key not in self.cache:
             ids, pixels = self.proc.internalization_inputs(self.proc.load_video(path, start=start, end=end))
             size = sum(t.numel() * t.element_size() for t in (ids, pixels))
@@ -110,8 +110,13 @@ class Rows(data.VideoTextDataset):
             self.cache[key], self.cache_left = (ids[0], pixels), self.cache_left - size
         return self.cache[key]
 
+    @staticmethod
+    def segment_key(path: str, start: float, end: float) -> str:
+        return f"{path}#{start!r}-{end!r}"
+
     def item(self, row: dict, clip: data.Clip, ctx_ids, pixels) -> dict | None:
         out = super().item(row, clip, ctx_ids, pixels)
+        out["ctx_keys"] = [row["video_path"]]  # what the VLM encodes, by name (HiddenCache)
         if self.teacher_view:  # the same decoded clip, as the teacher saw it: video in context, then the answer
             head, _ = self.proc.question_inputs(row["prompt"], video=clip)
             tail = out["labels"][out["labels"] != -100]
@@ -119,8 +124,9 @@ class Rows(data.VideoTextDataset):
             out["t_labels"] = torch.cat([torch.full_like(head[0], -100), tail])
         if self.compose_prob > 0 and self.composed(row):
             try:
-                out["segments"] = [self.segment_inputs(row["video_path"], s, e)
-                                   for s, e in plan_segments(0.0, clip.duration, self.compose_parts, None)]
+                spans = plan_segments(0.0, clip.duration, self.compose_parts, None)
+                out["segments"] = [self.segment_inputs(row["video_path"], s, e) for s, e in spans]
+                out["ctx_keys"] = [self.segment_key(row["video_path"], s, e) for s, e in spans]
             except data.DecodeError as e:
                 self.undecodable += 1
                 print(f"warning: row {row['id']} skipped: {e}", file=sys.stderr)
@@ -132,6 +138,7 @@ class Rows(data.VideoTextDataset):
         if out is None:
             return None
         kept = [x for x in items if x is not None]
+        out["ctx_keys"] = [k for x in kept for k in x["ctx_keys"]]  # one per sequence the VLM encodes, in order
         if self.teacher_view:
             out["t_ids"], out["t_mask"] = data.pad_batch([x["t_ids"] for x in kept], self.proc.pad_id, "right")
             out["t_labels"], _ = data.pad_batch([x["t_labels"] for x in kept], -100, "right")
@@ -175,14 +182,47 @@ def response_mean(per_token: torch.Tensor, labels: torch.Tensor) -> torch.Tensor
     return (per_token * keep).sum(1) / keep.sum(1).clamp(min=1)
 
 
-def sample_losses(vlm: M.SmolVLM, hyper, batch: dict, layer_chunk=None, kl_temp=None):
+class HiddenCache:
+    """The frozen VLM's hidden states for each video (or segment) it has encoded, so that later epochs skip the
+    VLM pass (--cache-hidden-mb). The VLM never trains, so a video's states never change; they are kept without the
+    left padding of the batch they came in and padded again with zeros, which the hypernetwork masks out. States
+    first computed inside a differently padded batch can differ from an unpadded pass in the last bits."""
+
+    def __init__(self, mb: float):
+        self.left, self.store, self.hits, self.misses = int(mb * 2**20), {}, 0, 0
+
+    def encode(self, vlm: M.SmolVLM, ids, pixels, mask, keys: list[str] | None) -> torch.Tensor:
+        """(B, L, T, D): the L hidden states entering each layer, for left-padded ids (B, T)."""
+        if keys and all(k in self.store for k in keys):
+            self.hits += 1
+            B, T = ids.shape
+            first = self.store[keys[0]]
+            H = first.new_zeros(B, first.shape[0], T, first.shape[-1])
+            for b, k in enumerate(keys):
+                H[b, :, T - self.store[k].shape[1]:] = self.store[k]
+            return H
+        self.misses += 1
+        H = torch.stack(vlm(ids, pixels, mask, output_hidden_states=True, logits="none").hidden_states, dim=1)
+        for b, k in enumerate(keys or []):
+            n = int(mask[b].sum())
+            h = H[b, :, H.shape[2] - n:]
+            if k not in self.store and h.numel() * h.element_size() <= self.left:
+                self.store[k], self.left = h.clone(), self.left - h.numel() * h.element_size()
+        return H
+
+
+def sample_losses(vlm: M.SmolVLM, hyper, batch: dict, layer_chunk=None, kl_temp=None,
+                  hidden_cache: HiddenCache | None = None):
     """Per-sample response CE (B,) and, if kl_temp is set, per-sample KL to the video-in-context teacher (B,)."""
     with torch.no_grad():
-        # 1. Encode [video + instruction]; keep the L states *entering* each layer (method.md §2).
+        # 1. Encode [video + instruction]; keep the L states *entering* each layer (method.md §2): (B, L, T, D).
         # With composition training (Rows.compose_prob) these are segments, several per sample.
-        out = vlm(batch["ctx_ids"], batch.get("ctx_pixels", batch["pixel_values"]), batch["ctx_mask"],
-                  output_hidden_states=True, logits="none")
-        H = torch.stack(out.hidden_states, dim=1)  # L x (B, T, D) -> (B, L, T, D)
+        pixels = batch.get("ctx_pixels", batch["pixel_values"])
+        if hidden_cache is None:
+            H = torch.stack(vlm(batch["ctx_ids"], pixels, batch["ctx_mask"], output_hidden_states=True,
+                                logits="none").hidden_states, dim=1)
+        else:
+            H = hidden_cache.encode(vlm, batch["ctx_ids"], pixels, batch["ctx_mask"], batch.get("ctx_keys"))
     # 2. One LoRA per sample: {target: (A (B, L, 2r, d_in), B (B, L, 2r, d_out))}; alpha multiplies directly (§4).
     lora = hyper(H, batch["ctx_mask"], layer_chunk=layer_chunk)
     config = (hyper.module if hasattr(hyper, "module") else hyper).config
@@ -209,7 +249,7 @@ def sample_losses(vlm: M.SmolVLM, hyper, batch: dict, layer_chunk=None, kl_temp=
     return response_mean(ce, labels), kl
 
 
-def train_step(vlm, hyper, loader_iter, opt, sched, args, d: Dist) -> dict:
+def train_step(vlm, hyper, loader_iter, opt, sched, args, d: Dist, hidden_cache=None) -> dict:
     """One optimizer step over `accum` micro-batches on every rank; returns the step's global metrics.
 
     The gradient is that of mean_m[(1/N_m) * sum of per-sample losses of micro-batch m over all ranks], which is
@@ -236,7 +276,7 @@ def train_step(vlm, hyper, loader_iter, opt, sched, args, d: Dist) -> dict:
                 loss_sum = sum(a.sum() + b.sum() for a, b in lora.values()) * 0.0
             else:
                 ce, kl = sample_losses(vlm, hyper, to_device(batch, d.device), args.layer_chunk,
-                                       args.kl_temp if args.kl_weight > 0 else None)
+                                       args.kl_temp if args.kl_weight > 0 else None, hidden_cache)
                 loss_sum = (ce if kl is None else ce + args.kl_weight * kl).sum()
                 ce_sum, n_local = ce_sum + ce.detach().sum().item(), n_local + n
                 kl_sum += 0.0 if kl is None else kl.detach().sum().item()
@@ -258,7 +298,7 @@ def train_step(vlm, hyper, loader_iter, opt, sched, args, d: Dist) -> dict:
 
 
 @torch.no_grad()
-def validate(vlm, net: HyperNet, val: Rows, args, d: Dist) -> float:
+def validate(vlm, net: HyperNet, val: Rows, args, d: Dist, hidden_cache=None) -> float:
     """Mean per-sample response CE over the validation rows (sharded over ranks, summed back)."""
     net.eval()
     mine = list(range(d.rank, len(val), d.world))
@@ -266,7 +306,7 @@ def validate(vlm, net: HyperNet, val: Rows, args, d: Dist) -> float:
     for i in range(0, len(mine), args.batch):
         batch = val.collate([val[j] for j in mine[i:i + args.batch]])
         if batch is not None:
-            ce, _ = sample_losses(vlm, net, to_device(batch, d.device), args.layer_chunk)
+            ce, _ = sample_losses(vlm, net, to_device(batch, d.device), args.layer_chunk, hidden_cache=hidden_cache)
             ce_sum, n = ce_sum + ce.sum().item(), n + len(ce)
     net.train()
     ce_sum, n = d.sum(ce_sum, n)
@@ -377,6 +417,8 @@ def train(args) -> dict:
         restore_trainer(ckpt, opt, sched)
         say(f"resumed {ckpt} at step {state['step']}", file=sys.stderr)
     compile_hypernet(net, {"auto": None, "on": True, "off": False}[args.compile])
+    hidden_cache = HiddenCache(args.cache_hidden_mb) if args.cache_hidden_mb > 0 else None
+    val_cache = HiddenCache(args.cache_hidden_mb) if args.cache_hidden_mb > 0 else None
     hyper = torch.nn.parallel.DistributedDataParallel(net) if d.world > 1 else net
     start = state["step"]
     loader = iter(torch.utils.data.DataLoader(train_set, batch_sampler=micro_batches(len(train_set), start, args, d),
@@ -391,7 +433,7 @@ def train(args) -> dict:
     with StopFlag() as stop:
         for step in range(start + 1, args.steps + 1):
             t0 = time.time()
-            m = train_step(vlm, hyper, loader, opt, sched, args, d)
+            m = train_step(vlm, hyper, loader, opt, sched, args, d, hidden_cache)
             skipped += m["skipped"]
             m = {"step": step, "loss": m["ce"] + args.kl_weight * m["kl"], **m,
                  "samples_per_s": m["samples"] / (time.time() - t0), "time": time.time()}
@@ -402,7 +444,7 @@ def train(args) -> dict:
                 bar.set_postfix(loss=f"{m['loss']:.4f}", lr=f"{m['lr']:.2e}", sps=f"{m['samples_per_s']:.1f}")
                 bar.update(1)
             if val_set is not None and (step % args.val_every == 0 or step == args.steps):
-                state["val_ce"] = validate(vlm, net, val_set, args, d)
+                state["val_ce"] = validate(vlm, net, val_set, args, d, val_cache)
                 say(f"\nstep {step}: val CE {state['val_ce']:.4f}", file=sys.stderr)
                 if d.rank == 0:
                     log.write(json.dumps({"step": step, "val_ce": state["val_ce"], "time": time.time()}) + "\n")
@@ -534,6 +576,9 @@ def train_parser() -> argparse.ArgumentParser:
     g.add_argument("--workers", type=int, default=2, help="DataLoader processes decoding videos")
     g.add_argument("--cache-mb", type=float, default=0, help="keep decoded clips in memory, up to this many MB per "
                    "dataset and DataLoader worker (default 0: decode every time)")
+    g.add_argument("--cache-hidden-mb", type=float, default=0, help="keep the frozen VLM's hidden states of each "
+                   "clip in memory, up to this many MB (train and validation each), so later epochs skip the VLM "
+                   "encode (default 0: encode every time)")
     g.add_argument("--layer-chunk", type=int, default=None, help="hypernet layers per chunk (less memory)")
     g.add_argument("--compile", choices=["auto", "on", "off"], default="auto", help="torch.compile the perceiver "
                                                                                      "(auto: on CUDA)")
