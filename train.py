@@ -9,6 +9,10 @@ hidden states; the hypernetwork turns them into one LoRA per sample; the *same* 
 [prompt][teacher answer] with that LoRA installed and zero visual tokens, and the cross-entropy on the answer
 flows back into the hypernetwork only.
 
+Options beyond the paper's recipe: --compose-prob P trains that fraction of rows through the composition of their
+clip's segment adapters (method.md §7, otherwise zero-shot); --cache-hidden-mb keeps the frozen VLM's hidden
+states per clip, so later epochs skip its pass; --kl-weight adds a KL term to the video-in-context teacher.
+
 Run folder (--out): log.jsonl (one line per step and per validation), and the checkpoints latest/ and best/:
     hypernet.safetensors + hypernet.json   weights + HyperConfig (hypernet.load_hypernet(dir) reads these)
     state.json                             step, metrics, best val CE, the run's arguments, the base model folder
