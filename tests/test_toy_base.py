@@ -55,6 +55,53 @@ def test_patch_targets_occlusion_thresholds_and_two_part_visibility():
     assert set(second[:, 1].tolist()) == {0, 1 + T.SHAPES.index("triangle")}
 
 
+def _cells(row, grid=4):
+    return {(j // grid, j % grid): v for j, v in enumerate(row.tolist()) if v != -100}
+
+
+def test_motion_targets_label_an_objects_tokens_once_its_motion_is_on_screen():
+    # A 16 px square at (16, 16) moving right by 16 px over 8 frames; 16 px token cells (8 px patches, shuffle 2).
+    spec = T.ClipSpec(64, 64, 4, 8, (_obj("green", "square", 16, 16.0, 16.0, "right"),))
+    right = list(T.DIRECTIONS).index("right")
+    motion = toy_base.motion_targets(spec, [0, 3, 7], 4)
+    assert motion.shape == (3, 16)
+    assert _cells(motion[0]) == {}  # the first frame shows no motion yet
+    assert _cells(motion[1]) == {(1, 1): right, (1, 2): right}  # x = 22.9: over cells 1 (57 %) and 2 (43 %)
+    assert _cells(motion[2]) == {(1, 2): right}  # x = 32: cell 2 exactly
+
+
+def test_motion_targets_start_each_part_of_a_two_part_clip_at_its_own_first_frame():
+    a, b = _obj("red", "square", 16, 0.0, 0.0, "down"), _obj("blue", "circle", 16, 32.0, 32.0, "left")
+    spec = T.ClipSpec(64, 64, 4, 8, (a, b), two_part=True)  # a in frames 0-3, b in frames 4-7
+    motion = toy_base.motion_targets(spec, [0, 2, 4, 6], 4)
+    down, left = list(T.DIRECTIONS).index("down"), list(T.DIRECTIONS).index("left")
+    assert _cells(motion[0]) == {} and _cells(motion[2]) == {}  # each object's first sampled frame
+    assert set(_cells(motion[1]).values()) == {down}
+    assert set(_cells(motion[3]).values()) == {left}
+
+
+def test_the_motion_loss_reads_the_residual_stream_after_motion_layer_layers(tmp_path):
+    # Its gradient reaches the image features and the layers before the tap, and none after it.
+    tok = T.toy_tokenizer()
+    config = toy_base.toy_config(tok.get_vocab_size(), tok.token_to_id("<image>"))
+    torch.manual_seed(0)
+    net = M.SmolVLM(config)
+    toy_base.init_weights(net)
+    image = config.image_token_id
+    ids = [tok.token_to_id("<|im_start|>")] + [image] * 32 + tok.encode(" What").ids
+    ex = {"ids": ids, "labels": [-100] * len(ids), "pixels": torch.randn(2, 3, 64, 64),
+          "motion": torch.randint(0, 4, (2, 16))}
+    head = torch.nn.Linear(config.text.hidden_size, 4)
+    answer, motion = toy_base.batch_loss(net, [ex, ex], tok.token_to_id("<|im_end|>"), head, motion_layer=2)
+    assert torch.isfinite(motion) and motion.item() > 0
+    motion.backward()
+    layers = net.model.text_model.layers
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in layers[1].parameters())
+    assert all(p.grad is None for p in (*layers[2].parameters(), *layers[3].parameters()))
+    assert net.model.connector.modality_projection.proj.weight.grad.abs().sum() > 0
+    assert toy_base.batch_loss(net, [ex], 0)[1] is None  # no head: no motion loss
+
+
 @pytest.fixture(scope="module")
 def clips(tmp_path_factory):
     root = tmp_path_factory.mktemp("toy")
@@ -88,3 +135,21 @@ def test_two_stage_training_writes_a_loadable_model_and_stage_2_leaves_the_tower
     report = json.loads((tmp_path / "three" / "training.json").read_text())
     assert report["steps"] == 3 and 0.0 <= report["heldout_patch_shape_accuracy"] <= 1.0
     assert set(report["heldout_in_context_accuracy"]) >= {"color", "shape", "count", "overall"}
+
+
+def test_motion_objective_trains_and_a_bad_motion_layer_is_a_one_line_error(clips, tmp_path, capsys):
+    threads = torch.get_num_threads()
+    try:
+        toy_base.main(["--train", str(clips[0]), "--val", str(clips[1]), "--out", str(tmp_path / "m"), "--steps",
+                       "2", "--batch", "2", "--vision-steps", "2", "--vision-batch", "4", "--val-clips", "2",
+                       "--minutes", "0", "--threads", "1", "--motion-weight", "1", "--motion-layer", "1"])
+        assert M.load_model(tmp_path / "m").config.text.num_hidden_layers == 4
+        assert json.loads((tmp_path / "m" / "training.json").read_text())["args"]["motion_weight"] == 1.0
+        for bad in ("0", "4"):
+            with pytest.raises(SystemExit) as e:
+                toy_base.main(["--train", str(clips[0]), "--val", str(clips[1]), "--out", str(tmp_path / "x"),
+                               "--motion-weight", "1", "--motion-layer", bad])
+            assert "--motion-layer" in str(e.value) and "\n" not in str(e.value)
+        assert not (tmp_path / "x").exists()
+    finally:
+        torch.set_num_threads(threads)
