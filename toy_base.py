@@ -18,6 +18,7 @@ Two stages, both inside the --minutes budget, as SmolVLM2 itself was built on a 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import json
 import math
 import os
@@ -101,20 +102,40 @@ def init_weights(net: M.SmolVLM, std: float = 0.02):
     torch.nn.init.normal_(vision.embeddings.position_embedding.weight, std=vision.embeddings.position_embedding.weight.shape[1] ** -0.5)
 
 
-def load_examples(manifest, proc: data.Processor, limit: int | None = None) -> list[dict]:
+_worker_proc: data.Processor | None = None
+
+
+def _start_worker(proc: data.Processor):
+    global _worker_proc
+    torch.set_num_threads(1)
+    _worker_proc = proc
+
+
+def _decode(path: str) -> data.Clip:
+    return _worker_proc.load_video(path)
+
+
+def load_examples(manifest, proc: data.Processor, limit: int | None = None, workers: int = 1) -> list[dict]:
     """One example per manifest row: in-context prompt + " answer<end_of_utterance>", labels on the answer only.
-    Each clip is decoded once and its frames shared by all of its questions."""
+    Each clip is decoded once (by `workers` processes in parallel) and its frames shared by all of its questions."""
     rows, _ = data.read_manifest(manifest)
-    clips, out = {}, []
-    for row in tqdm(rows, desc=f"loading {Path(manifest).parent.name}", unit="row", leave=False):
-        if row["video_path"] not in clips:
-            if limit is not None and len(clips) >= limit:
-                break
-            clips[row["video_path"]] = proc.load_video(row["video_path"])
-        clip = clips[row["video_path"]]
-        head, pixels = proc.question_inputs(row["prompt"], video=clip)
-        tail = proc.encode(" " + row["target_text"] + "<end_of_utterance>")
-        out.append({"head": head[0].tolist(), "tail": tail, "pixels": pixels, "row": row, "indices": clip.indices})
+    paths = list(dict.fromkeys(row["video_path"] for row in rows))[:limit]
+    desc = f"loading {Path(manifest).parent.name}"
+    if workers > 1:  # spawned, not forked: a fork after OpenMP has started can hang the children
+        ctx = torch.multiprocessing.get_context("spawn")
+        with concurrent.futures.ProcessPoolExecutor(workers, ctx, initializer=_start_worker, initargs=(proc,)) as pool:
+            decoded = list(tqdm(pool.map(_decode, paths, chunksize=8), desc, len(paths), unit="clip", leave=False))
+    else:
+        decoded = [proc.load_video(path) for path in tqdm(paths, desc, unit="clip", leave=False)]
+    clips, out = dict(zip(paths, decoded)), []
+    pixels = {path: torch.stack(clip.frames) for path, clip in clips.items()}  # one tensor per clip
+    for row in rows:
+        if row["video_path"] in clips:
+            clip = clips[row["video_path"]]
+            head, _ = proc.question_inputs(row["prompt"], video=clip)
+            tail = proc.encode(" " + row["target_text"] + "<end_of_utterance>")
+            out.append({"head": head[0].tolist(), "tail": tail, "pixels": pixels[row["video_path"]], "row": row,
+                        "indices": clip.indices})
     return out
 
 
@@ -282,7 +303,8 @@ def train(args) -> None:
     init_weights(net)
     write_model_dir(stage, config, tokenizer, net.state_dict())
     proc = data.Processor(stage)
-    train_rows, val_set = load_examples(args.train, proc), load_examples(args.val, proc, limit=args.val_clips)
+    train_rows = load_examples(args.train, proc, workers=args.threads)
+    val_set = load_examples(args.val, proc, limit=args.val_clips, workers=args.threads)
     by_clip: dict[str, list[dict]] = {}
     for ex in train_rows:
         by_clip.setdefault(ex["row"]["video_path"], []).append(ex)

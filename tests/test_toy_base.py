@@ -7,6 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import data
 import model as M
 import toy_base
 import toyworld as T
@@ -107,6 +108,22 @@ def clips(tmp_path_factory):
     root = tmp_path_factory.mktemp("toy")
     return (T.write_split("train", 6, root / "train", progress=False),
             T.write_split("heldout", 2, root / "heldout", progress=False))
+
+
+def test_load_examples_decodes_in_parallel_to_the_same_examples(clips, tmp_path):
+    tok = T.toy_tokenizer()
+    config = toy_base.toy_config(tok.get_vocab_size(), tok.token_to_id("<image>"))
+    toy_base.write_model_dir(tmp_path / "m", config, tok, M.SmolVLM(config).state_dict())
+    proc = data.Processor(tmp_path / "m")
+    one, two = (toy_base.load_examples(clips[0], proc, workers=w) for w in (1, 2))
+    assert len(one) == len(two) == sum(1 for _ in open(clips[0]))
+    for a, b in zip(one, two):
+        assert a["head"] == b["head"] and a["tail"] == b["tail"] and a["indices"] == b["indices"]
+        assert torch.equal(a["pixels"], b["pixels"])
+    assert {ex["row"]["clip_id"] for ex in toy_base.load_examples(clips[0], proc, limit=2)} == \
+        {"train_00000", "train_00001"}
+    clip = [ex for ex in one if ex["row"]["clip_id"] == "train_00000"]
+    assert all(ex["pixels"] is clip[0]["pixels"] for ex in clip)  # one tensor per clip, shared by its questions
 
 
 def _train(clips, out, steps):
