@@ -237,10 +237,42 @@ def pretrain_vision(net: M.SmolVLM, train: list[dict], val: list[dict], steps: i
     return hits.float().mean().item()
 
 
-def conversation(proc: data.Processor, examples: list[dict], rng: random.Random) -> dict:
-    """All questions about one clip as one multi-turn chat, in random order: one pass over the video supervises
-    every answer (the chat template's multi-turn form, smolvlm2.md §5.4). Labels on the answers only."""
-    order = rng.sample(examples, len(examples))
+def _subject(row: dict) -> int:
+    """The index, in the row's spec, of the object a colour, shape or direction question names."""
+    for k, o in enumerate(row["spec"]["objects"]):
+        if row["prompt"] == toyworld.PROMPTS[row["kind"]].format(shape=o["shape"], color=o["color"]):
+            return k
+    raise ValueError(f"{row['id']}: the prompt names no object of its clip")
+
+
+def clean_turns(examples: list[dict], rng: random.Random, caption_p: float) -> list[dict]:
+    """The questions of one chat in which no answer can be read off an earlier turn: with probability caption_p
+    the caption alone (it names every colour, shape and direction); otherwise the count, then for each object (in
+    random order) its colour or its shape question (one answer gives the other away), then their directions (a
+    direction question names a shape, so it comes after the shape questions)."""
+    by_kind: dict[str, list[dict]] = {}
+    for ex in examples:
+        by_kind.setdefault(ex["row"]["kind"], []).append(ex)
+    if by_kind.get("caption") and rng.random() < caption_p:
+        return by_kind["caption"]
+    per_object: dict[int, dict[str, dict]] = {}
+    for kind in ("color", "shape", "direction"):
+        for ex in by_kind.get(kind, []):
+            per_object.setdefault(_subject(ex["row"]), {})[kind] = ex
+    objects = rng.sample(sorted(per_object), len(per_object))
+    attributes = [[qs[kind] for kind in rng.sample(["color", "shape"], 2) if kind in qs][:1]
+                  for qs in (per_object[k] for k in objects)]
+    directions = [per_object[k]["direction"] for k in objects if "direction" in per_object[k]]
+    return by_kind.get("count", []) + sum(attributes, []) + directions
+
+
+def conversation(proc: data.Processor, examples: list[dict], rng: random.Random, clean: bool = False,
+                 caption_p: float = 0.3) -> dict:
+    """Questions about one clip as one multi-turn chat (the chat template's multi-turn form, smolvlm2.md §5.4), so
+    one pass over the video supervises several answers. Labels on the answers only. Packed (clean=False): all of
+    the clip's questions in random order, so a later answer may be copied from an earlier one (the caption names
+    every colour); clean: clean_turns, so every answer has to come from the video."""
+    order = clean_turns(examples, rng, caption_p) if clean else rng.sample(examples, len(examples))
     ids, labels = list(order[0]["head"]), [-100] * len(order[0]["head"])
     for i, ex in enumerate(order):
         if i:
@@ -337,7 +369,7 @@ def train(args) -> None:
     bar = tqdm(range(args.steps), desc="toy base", unit="step")
     for step in bar:
         net.train()
-        batch = [conversation(proc, qs, rng) for qs in rng.sample(train_set, args.batch)]
+        batch = [conversation(proc, qs, rng, args.clean_turns, args.caption_p) for qs in rng.sample(train_set, args.batch)]
         loss, motion_loss = batch_loss(net, batch, proc.pad_id, motion_head, args.motion_layer)
         opt.zero_grad(set_to_none=True)
         (loss if motion_loss is None else loss + args.motion_weight * motion_loss).backward()
@@ -377,6 +409,11 @@ def main(argv=None):
     p.add_argument("--minutes", type=float, default=19.5,
                    help="stop stage 2 early at this wall-clock budget, counted from the start with the clip loading "
                         "included (the final held-out score comes after it); 0: none")
+    p.add_argument("--clean-turns", action="store_true",
+                   help="stage 2: chats in which no answer can be copied from an earlier turn (clean_turns) instead "
+                        "of all of a clip's questions packed in one chat")
+    p.add_argument("--caption-p", type=float, default=0.3, help="with --clean-turns: share of chats that are the "
+                                                                 "caption alone")
     p.add_argument("--motion-weight", type=float, default=0.0,
                    help="stage 2: weight of the dense motion loss (each object token's direction, read off the "
                         "decoder's residual stream by a linear head thrown away after; 0: off)")

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import random
+import re
 
 import pytest
 import torch
@@ -79,6 +81,30 @@ def test_motion_targets_start_each_part_of_a_two_part_clip_at_its_own_first_fram
     assert _cells(motion[0]) == {} and _cells(motion[2]) == {}  # each object's first sampled frame
     assert set(_cells(motion[1]).values()) == {down}
     assert set(_cells(motion[3]).values()) == {left}
+
+
+def test_clean_turns_never_let_an_answer_be_read_off_an_earlier_turn():
+    rng, kinds_seen = random.Random(0), set()
+    for index in range(60):
+        spec = T.clip_spec("train", index)
+        examples = [{"row": {"id": f"c{index}_q{j}", "kind": kind, "prompt": prompt, "target_text": answer,
+                             "spec": spec.to_dict()}} for j, (kind, prompt, answer) in enumerate(T.questions(spec))]
+        for _ in range(5):
+            turns = [ex["row"] for ex in toy_base.clean_turns(examples, rng, caption_p=0.3)]
+            kinds = [t["kind"] for t in turns]
+            kinds_seen.add(tuple(kinds))
+            if "caption" in kinds:
+                assert kinds == ["caption"]  # it names every answer: always alone
+                continue
+            assert len(set(t["id"] for t in turns)) == len(turns) and "count" not in kinds[1:]
+            assert kinds.count("direction") == len(spec.objects)
+            assert kinds.count("color") + kinds.count("shape") == len(spec.objects)  # one of the two per object
+            for i, t in enumerate(turns):
+                if t["kind"] in ("color", "shape"):
+                    earlier = " ".join(u["prompt"] + " " + u["target_text"] for u in turns[:i])
+                    assert t["target_text"] not in re.findall("[a-z]+", earlier.lower()), (t, turns)
+            assert kinds.index("direction") > max(i for i, k in enumerate(kinds) if k in ("color", "shape"))
+    assert any(k == ("caption",) for k in kinds_seen) and len(kinds_seen) > 5
 
 
 def test_the_motion_loss_reads_the_residual_stream_after_motion_layer_layers(tmp_path):
