@@ -14,6 +14,11 @@ Two stages, both inside the --minutes budget, as SmolVLM2 itself was built on a 
      (pretrain_vision; the heads are thrown away);
   2. the connector and the decoder learn every question kind and the caption from in-context clips, each clip's
      questions packed into one multi-turn chat; the tower stays frozen.
+
+Two stage-2 options, off by default (the shipped base was made without them; README "A base that sees motion"):
+  --motion-weight W  a dense motion objective: a linear head reads each object token's direction off the decoder's
+                     residual stream after --motion-layer layers (thrown away after). Direction in context 0.38 -> 0.87.
+  --clean-turns      chats in which no answer can be copied from an earlier turn (clean_turns); measured worse.
 """
 from __future__ import annotations
 
