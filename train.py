@@ -11,7 +11,8 @@ flows back into the hypernetwork only.
 
 Options beyond the paper's recipe: --compose-prob P trains that fraction of rows through the composition of their
 clip's segment adapters (method.md §7, otherwise zero-shot); --cache-hidden-mb keeps the frozen VLM's hidden
-states per clip, so later epochs skip its pass; --kl-weight adds a KL term to the video-in-context teacher.
+states per clip (and, with --kl-weight, its in-context answer logits per row), so later epochs skip its passes;
+--kl-weight adds a KL term to the video-in-context teacher.
 
 Run folder (--out): log.jsonl (one line per step and per validation), and the checkpoints latest/ and best/:
     hypernet.safetensors + hypernet.json   weights + HyperConfig (hypernet.load_hypernet(dir) reads these)
@@ -187,10 +188,11 @@ def response_mean(per_token: torch.Tensor, labels: torch.Tensor) -> torch.Tensor
 
 
 class HiddenCache:
-    """The frozen VLM's hidden states for each video (or segment) it has encoded, so that later epochs skip the
-    VLM pass (--cache-hidden-mb). The VLM never trains, so a video's states never change; they are kept without the
-    left padding of the batch they came in and padded again with zeros, which the hypernetwork masks out. States
-    first computed inside a differently padded batch can differ from an unpadded pass in the last bits."""
+    """What the frozen VLM computes, kept so that later epochs skip its passes (--cache-hidden-mb): the hidden states
+    of each video (or segment) it has encoded and, with the KL term, the in-context teacher's logits on each row's
+    answer tokens. The VLM never trains, so neither ever changes. States are kept without the left padding of the
+    batch they came in and padded again with zeros, which the hypernetwork masks out. Either, first computed inside
+    a differently padded batch, can differ from an unpadded pass in the last bits."""
 
     def __init__(self, mb: float):
         self.left, self.store, self.hits, self.misses = int(mb * 2**20), {}, 0, 0
@@ -213,6 +215,22 @@ class HiddenCache:
             if k not in self.store and h.numel() * h.element_size() <= self.left:
                 self.store[k], self.left = h.clone(), self.left - h.numel() * h.element_size()
         return H
+
+
+    def teacher(self, vlm: M.SmolVLM, batch: dict) -> torch.Tensor:
+        """(N, V): the video-in-context teacher's logits at the labelled answer tokens of every row, rows in order."""
+        keys = [("teacher", k) for k in batch["row_ids"]]  # one per row, apart from the videos' keys
+        if all(k in self.store for k in keys):
+            self.hits += 1
+            return torch.cat([self.store[k] for k in keys])
+        self.misses += 1
+        logits = vlm(batch["t_ids"], batch["pixel_values"], batch["t_mask"]).logits[:, :-1].float()
+        answer = batch["t_labels"][:, 1:] != -100                                   # (B, U-1)
+        for b, k in enumerate(keys):
+            t = logits[b][answer[b]]
+            if k not in self.store and t.numel() * t.element_size() <= self.left:
+                self.store[k], self.left = t.clone(), self.left - t.numel() * t.element_size()
+        return logits[answer]
 
 
 def sample_losses(vlm: M.SmolVLM, hyper, batch: dict, layer_chunk=None, kl_temp=None,
@@ -241,9 +259,13 @@ def sample_losses(vlm: M.SmolVLM, hyper, batch: dict, layer_chunk=None, kl_temp=
     kl = None
     if kl_temp is not None:
         with torch.no_grad():  # the same frozen model as teacher, with the video in context
-            t_logits = vlm(batch["t_ids"], batch["pixel_values"], batch["t_mask"]).logits[:, :-1].float()
+            if hidden_cache is None:
+                t_logits = vlm(batch["t_ids"], batch["pixel_values"], batch["t_mask"]).logits[:, :-1].float()
+                t = t_logits[batch["t_labels"][:, 1:] != -100]
+            else:
+                t = hidden_cache.teacher(vlm, batch)
         # Both sequences end in the same answer tokens, so the labelled positions pair up one to one, in order.
-        s, t = logp[labels[:, 1:] != -100], t_logits[batch["t_labels"][:, 1:] != -100]  # (N, V) each
+        s = logp[labels[:, 1:] != -100]  # (N, V), as t
         tau = kl_temp
         tok = F.kl_div(F.log_softmax(s / tau, -1), F.log_softmax(t / tau, -1), log_target=True,
                        reduction="none").sum(-1) * tau**2  # (N,), scaled by tau^2 as usual
@@ -582,7 +604,7 @@ def train_parser() -> argparse.ArgumentParser:
                    "dataset and DataLoader worker (default 0: decode every time)")
     g.add_argument("--cache-hidden-mb", type=float, default=0, help="keep the frozen VLM's hidden states of each "
                    "clip in memory, up to this many MB (train and validation each), so later epochs skip the VLM "
-                   "encode (default 0: encode every time)")
+                   "encode; with --kl-weight, the teacher's answer logits too (default 0: encode every time)")
     g.add_argument("--layer-chunk", type=int, default=None, help="hypernet layers per chunk (less memory)")
     g.add_argument("--compile", choices=["auto", "on", "off"], default="auto", help="torch.compile the perceiver "
                                                                                      "(auto: on CUDA)")

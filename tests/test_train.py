@@ -278,3 +278,30 @@ def test_hidden_state_cache_skips_the_vlm_and_changes_nothing(world, tmp_path):
                             "--compose-prob", 0.5, "--val", world["dir"] / "m.jsonl", "--val-every", 2, *extra))
     assert log(runs[1]) == pytest.approx(log(runs[0]), rel=1e-4)
     assert log(runs[1], "val_ce") == pytest.approx(log(runs[0], "val_ce"), rel=1e-4)
+
+
+def test_cache_keeps_the_teachers_answer_logits(world, tmp_path):
+    """With --kl-weight and --cache-hidden-mb, the in-context teacher's answer logits of a row are computed once,
+    whatever batch (and padding) it comes in; training logs the same CE and KL as without the cache."""
+    proc, vlm = data.Processor(world["base"], max_frames=12), M.load_model(world["base"])
+    rows = train.Rows(world["dir"] / "m.jsonl", proc, teacher_view=True)
+    cache, calls = train.HiddenCache(100), []
+    vlm.register_forward_hook(lambda *a: calls.append(1))
+    with torch.no_grad():
+        cache.teacher(vlm, rows.collate([rows[i] for i in range(4)]))
+        assert len(calls) == 1 and len(cache.store) == 4
+        for order in ([3, 1], [2, 0, 1]):
+            b = rows.collate([rows[i] for i in order])
+            got = cache.teacher(vlm, b)
+            logits = vlm(b["t_ids"], b["pixel_values"], b["t_mask"]).logits[:, :-1]
+            want = logits[b["t_labels"][:, 1:] != -100]
+            assert got.shape == want.shape and got.shape[0] > len(order)  # every answer token of every row
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    assert len(calls) == 3 and cache.hits == 2
+    runs = []
+    for i, extra in enumerate(([], ["--cache-hidden-mb", 50])):
+        runs.append(tmp_path / f"r{i}")
+        train.main(run_args(world, runs[-1], "--steps", 4, "--batch", 4, "--accum", 1, "--lr", 1e-3,
+                            "--kl-weight", 0.5, *extra))
+    assert log(runs[1]) == pytest.approx(log(runs[0]), rel=1e-4)
+    assert log(runs[1], "kl") == pytest.approx(log(runs[0], "kl"), rel=1e-4)
