@@ -15,10 +15,11 @@ Two stages, both inside the --minutes budget, as SmolVLM2 itself was built on a 
   2. the connector and the decoder learn every question kind and the caption from in-context clips, each clip's
      questions packed into one multi-turn chat; the tower stays frozen.
 
-Two stage-2 options, off by default (the shipped base was made without them; README "A base that sees motion"):
-  --motion-weight W  a dense motion objective: a linear head reads each object token's direction off the decoder's
-                     residual stream after --motion-layer layers (thrown away after). Direction in context 0.38 -> 0.87.
-  --clean-turns      chats in which no answer can be copied from an earlier turn (clean_turns); measured worse.
+Two stage-2 options (README "A base that sees motion"):
+  --motion-weight W  a dense motion objective, on by default (W = 1; the shipped base): a linear head reads each
+                     object token's direction off the decoder's residual stream after --motion-layer layers (thrown
+                     away after). Direction in context 0.38 without it (--motion-weight 0), 0.87 with it.
+  --clean-turns      chats in which no answer can be copied from an earlier turn (clean_turns); off, measured worse.
 """
 from __future__ import annotations
 
@@ -419,9 +420,9 @@ def main(argv=None):
                         "of all of a clip's questions packed in one chat")
     p.add_argument("--caption-p", type=float, default=0.3, help="with --clean-turns: share of chats that are the "
                                                                  "caption alone")
-    p.add_argument("--motion-weight", type=float, default=0.0,
+    p.add_argument("--motion-weight", type=float, default=1.0,
                    help="stage 2: weight of the dense motion loss (each object token's direction, read off the "
-                        "decoder's residual stream by a linear head thrown away after; 0: off)")
+                        "decoder's residual stream by a linear head thrown away after; default 1, 0: off)")
     p.add_argument("--motion-layer", type=int, default=2, help="decoder layers before the motion head reads")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--scale-factor", type=int, default=2, help="pixel shuffle: 64 / s^2 tokens per frame")

@@ -180,12 +180,12 @@ def test_two_stage_training_writes_a_loadable_model_and_stage_2_leaves_the_tower
     assert set(report["heldout_in_context_accuracy"]) >= {"color", "shape", "count", "overall"}
 
 
-def test_motion_objective_trains_and_a_bad_motion_layer_is_a_one_line_error(clips, tmp_path, capsys):
+def test_motion_objective_is_on_by_default_and_a_bad_motion_layer_is_a_one_line_error(clips, tmp_path, capsys):
     threads = torch.get_num_threads()
     try:
         toy_base.main(["--train", str(clips[0]), "--val", str(clips[1]), "--out", str(tmp_path / "m"), "--steps",
                        "2", "--batch", "2", "--vision-steps", "2", "--vision-batch", "4", "--val-clips", "2",
-                       "--minutes", "0", "--threads", "1", "--motion-weight", "1", "--motion-layer", "1"])
+                       "--minutes", "0", "--threads", "1", "--motion-layer", "1"])
         assert M.load_model(tmp_path / "m").config.text.num_hidden_layers == 4
         assert json.loads((tmp_path / "m" / "training.json").read_text())["args"]["motion_weight"] == 1.0
         for bad in ("0", "4"):
