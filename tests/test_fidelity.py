@@ -37,6 +37,16 @@ def test_fidelity_runs_the_protocol_end_to_end(tmp_path, capsys):
         assert all(0 <= v <= 1 for v in acc.values())
     v = result["verdict"]
     assert v["ci"][0] <= v["delta"] <= v["ci"][1] and v["equivalent"] <= v["non_inferior"]
-    assert set(result["composition"]) == {"in context", "whole-clip adapter", "composed halves"}
+    comp = {"in context", "whole-clip adapter", "composed halves", "own half's adapter"}
+    assert set(result["composition"]) == comp | {"per_kind"} and set(result["composition"]["per_kind"]) == comp
     assert "| **overall (QA kinds)** |" in report and "| two-part clips |" in report
     assert "6 held-out clips" in report and "2 two-part clips" in report
+    assert "| direction | 4 |" in report  # one direction question per object: 2 clips x 2 objects
+
+
+def test_subject_is_the_object_a_question_names():
+    spec = F.toyworld.clip_spec("heldout", 0, two_part=True)
+    for kind, prompt, answer in F.toyworld.questions(spec):
+        if kind in ("color", "shape", "direction"):
+            o = spec.objects[F.subject(spec, prompt)]
+            assert answer == {"color": o.color, "shape": o.shape, "direction": o.direction}[kind]
