@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Rebuild the shipped toy world from nothing: clips, the tiny base VLM, teacher targets, the tiny hypernetwork,
-# then score it. About 50 min on a 2-core CPU: clips ~3 min, base ~20 min, teacher ~5 min, hypernetwork ~18 min,
+# then score it. About 50 min on a 2-core CPU: clips ~3 min, base ~20 min, teacher ~5 min, hypernetwork ~19 min,
 # fidelity 1 min. Resumable: the clip writer and the teacher step skip finished work, and the hypernetwork
 # continues from its last checkpoint (every 250 steps) when rerun with --resume; rerun after an interruption.
 set -euo pipefail
@@ -11,15 +11,16 @@ python toyworld.py clips --split train --n 1500 --out data/toy/train
 python toyworld.py clips --split heldout --n 300 --out data/toy/heldout
 python toyworld.py example --out examples/clip.mp4
 
-python toy_base.py --train data/toy/train/manifest.jsonl --val data/toy/heldout/manifest.jsonl   # -> checkpoints/tiny/base
+# -> checkpoints/tiny/base; the dense motion objective (--motion-weight 1) is on by default
+python toy_base.py --train data/toy/train/manifest.jsonl --val data/toy/heldout/manifest.jsonl
 
 python train.py teacher --size tiny --manifest data/toy/train/manifest.jsonl --out data/toy/train/teacher.jsonl \
     --batch 32 --max-new-tokens 24
 resume=(); [ -d runs/toy/latest ] && resume=(--resume)   # an interrupted run goes on from its last checkpoint
 python train.py --size tiny --train data/toy/train/teacher.jsonl --val data/toy/heldout/manifest.jsonl \
     --out runs/toy --latent-size 128 --n-latents 16 --num-blocks 2 --n-heads 4 --head-dim 32 --n-kv-heads 2 \
-    --rank 16 --lr 5e-4 --batch 16 --accum 1 --steps 3000 --val-every 250 --save-every 250 --val-rows 300 --workers 0 \
-    --init lora --cache-mb 2000 ${resume[@]+"${resume[@]}"}
+    --rank 16 --lr 5e-4 --batch 16 --accum 1 --steps 4000 --val-every 250 --save-every 250 --val-rows 300 --workers 0 \
+    --init lora --kl-weight 1 --cache-mb 2000 --cache-hidden-mb 2000 ${resume[@]+"${resume[@]}"}
 mkdir -p checkpoints/tiny/hypernet
 cp runs/toy/best/hypernet.safetensors runs/toy/best/hypernet.json checkpoints/tiny/hypernet/
 
