@@ -92,6 +92,8 @@ class Rows(data.VideoTextDataset):
       their clip as `compose_parts` equal segments, each decoded and internalized on its own exactly as
       `internalize.py --segments N` does; their adapters are composed in rank space (hypernet.compose_lora) and the
       composed adapter answers the row. Segments are cached beside the whole clips, within the same cache_mb.
+      An index may come as (row index, composable): the sampler says False before --compose-from, so those steps
+      train whole clips only.
     """
 
     def __init__(self, manifest, proc, teacher_view: bool = False, limit: int | None = None, cache_mb: float = 0,
@@ -99,6 +101,10 @@ class Rows(data.VideoTextDataset):
         super().__init__(manifest, proc, cache_mb=cache_mb)
         self.rows, self.teacher_view = self.rows[:limit], teacher_view
         self.compose_prob, self.compose_parts, self.seed = compose_prob, compose_parts, seed
+
+    def __getitem__(self, key):
+        i, self.composable = key if isinstance(key, tuple) else (key, True)
+        return super().__getitem__(i)
 
     def composed(self, row: dict) -> bool:
         """Whether this row trains a composed adapter: fixed per (seed, row id), so a resumed run agrees."""
@@ -127,7 +133,7 @@ class Rows(data.VideoTextDataset):
             tail = out["labels"][out["labels"] != -100]
             out["t_ids"] = torch.cat([head[0], tail])
             out["t_labels"] = torch.cat([torch.full_like(head[0], -100), tail])
-        if self.compose_prob > 0 and self.composed(row):
+        if self.compose_prob > 0 and getattr(self, "composable", True) and self.composed(row):
             try:
                 spans = plan_segments(0.0, clip.duration, self.compose_parts, None)
                 out["segments"] = [self.segment_inputs(row["video_path"], s, e) for s, e in spans]
@@ -164,6 +170,7 @@ def micro_batches(n_rows: int, start_step: int, args, d: Dist):
     The order is a pure function of the step: epoch e is a permutation seeded by (seed, e), and step s takes
     global positions [s*G, (s+1)*G) with G = batch * world * accum. So a resumed run sees exactly the rows the
     uninterrupted one would, and rank r of micro-batch m takes the same rows a single process would take there.
+    Each index comes with whether its step may compose (step >= --compose-from; Rows.composed then decides).
     """
     perms: dict[int, list[int]] = {}
 
@@ -177,7 +184,8 @@ def micro_batches(n_rows: int, start_step: int, args, d: Dist):
     for s in range(start_step, args.steps):
         for m in range(args.accum):
             p0 = (s * args.accum + m) * args.batch * d.world + d.rank * args.batch
-            yield [row(p) for p in range(p0, p0 + args.batch)]
+            composable = s + 1 >= getattr(args, "compose_from", 0)
+            yield [(row(p), composable) for p in range(p0, p0 + args.batch)]
 
 
 # ------------------------------------------------------------------------------------------------ the step
@@ -285,7 +293,7 @@ def train_step(vlm, hyper, loader_iter, opt, sched, args, d: Dist, hidden_cache=
     """
     opt.zero_grad(set_to_none=True)
     net = hyper.module if d.world > 1 else hyper
-    ce_sum = kl_sum = n_local = 0.0
+    ce_sum = kl_sum = n_local = composed = 0.0
     skipped, synced = 0, False
     for m in range(args.accum):
         batch = next(loader_iter)
@@ -305,6 +313,7 @@ def train_step(vlm, hyper, loader_iter, opt, sched, args, d: Dist, hidden_cache=
                                        args.kl_temp if args.kl_weight > 0 else None, hidden_cache)
                 loss_sum = (ce if kl is None else ce + args.kl_weight * kl).sum()
                 ce_sum, n_local = ce_sum + ce.detach().sum().item(), n_local + n
+                composed += batch.get("composed", 0)
                 kl_sum += 0.0 if kl is None else kl.detach().sum().item()
             # DDP averages gradients over ranks, hence * world; / (N_m * accum) makes it a mean over the step.
             (loss_sum * d.world / (n_all * args.accum)).backward()
@@ -318,9 +327,9 @@ def train_step(vlm, hyper, loader_iter, opt, sched, args, d: Dist, hidden_cache=
     lr = sched.get_last_lr()[0]
     opt.step()
     sched.step()
-    ce_sum, kl_sum, n = d.sum(ce_sum, kl_sum, n_local)
+    ce_sum, kl_sum, n, composed = d.sum(ce_sum, kl_sum, n_local, composed)
     return {"ce": ce_sum / max(n, 1), "kl": kl_sum / max(n, 1), "lr": lr, "grad_norm": grad_norm,
-            "samples": int(n), "skipped": skipped}
+            "samples": int(n), "composed": int(composed), "skipped": skipped}
 
 
 @torch.no_grad()
@@ -411,8 +420,8 @@ def _ignore_sigint(_worker_id):
 
 
 # ------------------------------------------------------------------------------------------------ the loop
-HYPER_FLAGS = ("latent_size", "n_latents", "num_blocks", "n_heads", "head_dim", "n_kv_heads", "rank", "alpha",
-               "init")
+HYPER_FLAGS = ("latent_size", "n_latents", "num_blocks", "n_heads", "head_dim", "n_kv_heads", "rank", "proj_mult",
+               "alpha", "init")
 
 
 def hyper_config(args, vlm_config) -> HyperConfig:
@@ -591,6 +600,9 @@ def train_parser() -> argparse.ArgumentParser:
     g.add_argument("--compose-prob", type=float, default=0.0,
                    help="fraction of training rows answered by the composition of their clip's segment adapters "
                         "(default 0, as the paper: composition is then zero-shot)")
+    g.add_argument("--compose-from", type=int, default=0,
+                   help="first step that composes rows (a warm start: whole clips only before it, so the adapter "
+                        "learns to read the video before it learns to share the update with other segments)")
     g.add_argument("--compose-parts", type=int, default=2, help="equal segments a composed row's clip is cut into")
     g.add_argument("--seed", type=int, default=0, help="init and data order")
     g = p.add_argument_group("running")

@@ -245,6 +245,19 @@ def test_composed_rows_train_the_adapter_that_internalize_segments_makes(world, 
         train.main(run_args(world, tmp_path / "bad", "--compose-prob", 1.5))
 
 
+def test_compose_from_trains_whole_clips_first_and_resumes_on_the_same_schedule(world, tmp_path):
+    """--compose-from S: steps before S train whole clips only, steps from S on compose the rows --compose-prob
+    picks; the step's composed-row count is logged, and an interrupted run resumes on the same schedule."""
+    flags = ("--steps", 4, "--batch", 4, "--accum", 1, "--compose-prob", 1.0, "--compose-from", 3)
+    run = tmp_path / "warm"
+    train.main(run_args(world, run, *flags))
+    assert log(run, "composed") == [0, 0, 4, 4]
+    cut = tmp_path / "cut"
+    train.main(run_args(world, cut, *flags, "--save-every", 1, "--stop-at", 2))
+    train.main(run_args(world, cut, "--resume"))
+    assert log(cut, "composed") == [0, 0, 4, 4] and log(cut) == pytest.approx(log(run), rel=1e-5)
+
+
 def F_ce(logits, labels) -> float:
     keep = labels != -100
     return torch.nn.functional.cross_entropy(logits[keep], labels[keep]).item()
