@@ -45,6 +45,7 @@ class HyperConfig:
     head_dim: int = 128
     n_kv_heads: int = 4
     rank: int = 16
+    proj_mult: int = 4                                # modality projection D -> proj_mult * D -> latent_size
     alpha: float = 128.0                              # the multiplier itself, not alpha/r (method.md §4)
     rms_norm_eps: float = 1e-6
     # How dW = 0 is reached at initialisation. "released": scaler_B = 0 (method.md §3.2, what the authors trained).
@@ -197,7 +198,7 @@ class HyperNet(nn.Module):
         super().__init__()
         c = self.config = config
         L, W, r = c.num_layers, c.latent_size, c.rank
-        self.modality_projection = SwiGLU(c.hidden_size, 4 * c.hidden_size, W)
+        self.modality_projection = SwiGLU(c.hidden_size, c.proj_mult * c.hidden_size, W)
         self.encoder = Resampler(c, c.n_latents, c.num_blocks)
         # Rows [i*r, (i+1)*r) of the decoder queries belong to target i: each target has its own r queries.
         self.decoder = Resampler(c, len(c.targets) * r, 1)

@@ -22,9 +22,9 @@ def model_config(L=3, D=24, I=40, heads=4, kv=2, head_dim=6):
                                            num_attention_heads=heads, num_key_value_heads=kv, head_dim=head_dim))
 
 
-def tiny(targets=("down_proj",), seed=0, **kw):
+def tiny(targets=("down_proj",), seed=0, proj_mult=4, **kw):
     torch.manual_seed(seed)
-    return HyperNet(HyperConfig.for_model(model_config(**kw), targets=targets, **TINY_PERCEIVER))
+    return HyperNet(HyperConfig.for_model(model_config(**kw), targets=targets, proj_mult=proj_mult, **TINY_PERCEIVER))
 
 
 def inputs(net, B=2, T=7, seed=1):
@@ -35,8 +35,8 @@ def inputs(net, B=2, T=7, seed=1):
 
 def test_defaults_are_the_released_ones():
     c = HyperConfig.for_model(model_config())
-    assert (c.latent_size, c.n_latents, c.num_blocks, c.n_heads, c.head_dim, c.n_kv_heads, c.rank, c.alpha) == \
-        (512, 8, 9, 16, 128, 4, 16, 128.0)
+    assert (c.latent_size, c.n_latents, c.num_blocks, c.n_heads, c.head_dim, c.n_kv_heads, c.rank, c.proj_mult,
+            c.alpha) == (512, 8, 9, 16, 128, 4, 16, 4, 128.0)
     assert c.targets == ("down_proj",) and c.target_shapes == (("down_proj", 40, 24),)
     assert HyperConfig.from_dict(json.loads(json.dumps(c.to_dict()))) == c  # JSON round trip
     with pytest.raises(ValueError, match="unknown LoRA target"):
@@ -148,8 +148,19 @@ def test_compiled_matches_eager():
     assert set(net.state_dict()) == keys  # the compiled function holds no weights of its own
 
 
+def test_proj_mult_sets_the_projection_width_and_old_configs_keep_the_released_one():
+    net = tiny(proj_mult=1)
+    assert net.modality_projection.gate_proj.weight.shape == (24, 24)  # D -> 1 * D, not 4 * D
+    assert net.modality_projection.down_proj.weight.shape == (32, 24)
+    h, mask = inputs(net)
+    assert net(h, mask)["down_proj"][0].shape == (2, 3, 8, 40)
+    old = net.config.to_dict()
+    del old["proj_mult"]  # a hypernet.json written before the field existed
+    assert HyperConfig.from_dict(old).proj_mult == 4
+
+
 def test_save_load_round_trip_is_bit_exact(tmp_path):
-    net = tiny(targets=("q_proj", "down_proj"))
+    net = tiny(targets=("q_proj", "down_proj"), proj_mult=2)
     with torch.no_grad():
         for p in net.parameters():  # move every tensor off its init value
             p.add_(0.01 * torch.randn_like(p))
