@@ -15,10 +15,12 @@ Two stages, both inside the --minutes budget, as SmolVLM2 itself was built on a 
   2. the connector and the decoder learn every question kind and the caption from in-context clips, each clip's
      questions packed into one multi-turn chat; the tower stays frozen.
 
-Two stage-2 options (README "A base that sees motion"):
+Stage-2 options (README "A base that sees motion"):
   --motion-weight W  a dense motion objective, on by default (W = 1; the shipped base): a linear head reads each
                      object token's direction off the decoder's residual stream after --motion-layer layers (thrown
                      away after). Direction in context 0.38 without it (--motion-weight 0), 0.87 with it.
+  --shape-weight W   a dense shape objective: a second linear head reads each object token's shape off the same
+                     layer (shape_targets). For questions that name an object by its shape (colour, direction).
   --clean-turns      chats in which no answer can be copied from an earlier turn (clean_turns); off, measured worse.
 """
 from __future__ import annotations
@@ -191,6 +193,13 @@ def motion_targets(spec: toyworld.ClipSpec, indices, grid: int) -> torch.Tensor:
     return out
 
 
+def shape_targets(spec: toyworld.ClipSpec, indices, grid: int) -> torch.Tensor:
+    """(len(indices), grid * grid) long: for each image token of each sampled frame (as motion_targets), the shape
+    class (toyworld.SHAPES order) of the object over it; -100 (ignored) for background."""
+    shapes = torch.tensor([toyworld.SHAPES.index(o.shape) for o in spec.objects] + [-100])
+    return torch.stack([shapes[patch_owners(spec, i, grid)] for i in indices])  # owner -1 -> the last entry
+
+
 def frame_targets(examples: list[dict], grid: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Every sampled frame of the examples' clips, once each, with patch_targets: (F, 3, S, S), (F, grid^2, 2)."""
     frames, targets, seen = [], [], set()
@@ -285,23 +294,24 @@ def conversation(proc: data.Processor, examples: list[dict], rng: random.Random,
             turn = proc.encode("\nUser: " + ex["row"]["prompt"] + "<end_of_utterance>\nAssistant:")
             ids, labels = ids + turn, labels + [-100] * len(turn)
         ids, labels = ids + ex["tail"], labels + ex["tail"]
-    return {"ids": ids, "labels": labels, "pixels": order[0]["pixels"], "motion": order[0].get("motion")}
+    return {"ids": ids, "labels": labels, "pixels": order[0]["pixels"],
+            **{k: order[0][k] for k in ("motion", "shape") if k in order[0]}}
 
 
-def batch_loss(net: M.SmolVLM, batch: list[dict], pad_id: int, motion_head: torch.nn.Linear | None = None,
-               motion_layer: int = 2) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Teacher-forced cross-entropy on the answer tokens, averaged over all of them; and, with a motion head, the
-    cross-entropy of the direction it reads off each object token's residual stream after motion_layer decoder
-    layers (motion_targets), averaged over the labelled tokens."""
+def batch_loss(net: M.SmolVLM, batch: list[dict], pad_id: int, heads: dict[str, torch.nn.Linear] | None = None,
+               layer: int = 2) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Teacher-forced cross-entropy on the answer tokens, averaged over all of them; and, for each dense head
+    ("motion": motion_targets, "shape": shape_targets), the cross-entropy of the class it reads off each object
+    token's residual stream after `layer` decoder layers, averaged over that head's labelled tokens."""
     ids, mask = data.pad_batch([ex["ids"] for ex in batch], pad_id, side="right")
     labels, _ = data.pad_batch([ex["labels"] for ex in batch], -100, side="right")
-    out = net(ids, torch.cat([ex["pixels"] for ex in batch]), mask, output_hidden_states=motion_head is not None)
+    out = net(ids, torch.cat([ex["pixels"] for ex in batch]), mask, output_hidden_states=bool(heads))
     answer_loss = F.cross_entropy(out.logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten())
-    if motion_head is None:
-        return answer_loss, None
-    tokens = out.hidden_states[motion_layer][ids == net.config.image_token_id]  # (frames * tokens, D), prompt order
-    target = torch.cat([ex["motion"].flatten() for ex in batch])
-    return answer_loss, F.cross_entropy(motion_head(tokens), target)
+    if not heads:
+        return answer_loss, {}
+    tokens = out.hidden_states[layer][ids == net.config.image_token_id]  # (frames * tokens, D), prompt order
+    return answer_loss, {name: F.cross_entropy(head(tokens), torch.cat([ex[name].flatten() for ex in batch]))
+                         for name, head in heads.items()}
 
 
 @torch.no_grad()
@@ -347,14 +357,18 @@ def train(args) -> None:
     for ex in train_rows:
         by_clip.setdefault(ex["row"]["video_path"], []).append(ex)
     train_set = list(by_clip.values())
-    motion_head = None
-    if args.motion_weight:
-        grid = config.vision.image_size // config.vision.patch_size // config.scale_factor  # tokens per frame side
-        for qs in train_set:
-            motion = motion_targets(toyworld.ClipSpec.from_dict(qs[0]["row"]["spec"]), qs[0]["indices"], grid)
+    # Dense objectives on the decoder's residual stream (heads thrown away after): name -> (targets, classes, weight).
+    dense = {"motion": (motion_targets, len(toyworld.DIRECTIONS), args.motion_weight),
+             "shape": (shape_targets, len(toyworld.SHAPES), args.shape_weight)}
+    dense = {name: d for name, d in dense.items() if d[2]}
+    grid = config.vision.image_size // config.vision.patch_size // config.scale_factor  # tokens per frame side
+    for qs in train_set:
+        spec = toyworld.ClipSpec.from_dict(qs[0]["row"]["spec"])
+        for name, (targets, _, _) in dense.items():
+            t = targets(spec, qs[0]["indices"], grid)
             for ex in qs:
-                ex["motion"] = motion
-        motion_head = torch.nn.Linear(config.text.hidden_size, len(toyworld.DIRECTIONS))
+                ex[name] = t
+    heads = {name: torch.nn.Linear(config.text.hidden_size, n) for name, (_, n, _) in dense.items()}
     rng = random.Random(args.seed)
     print(f"{len(train_set)} training clips ({len(train_rows)} questions), {len(val_set)} validation questions; "
           f"{sum(p.numel() for p in net.parameters()) / 1e6:.2f}M parameters", file=sys.stderr)
@@ -367,7 +381,7 @@ def train(args) -> None:
     # Stage 2 trains the connector and the decoder on the questions; the tower stays as stage 1 left it (the
     # answer loss's early, noisy gradient would wipe out what it learned).
     net.model.vision_model.requires_grad_(not args.vision_steps)
-    params = [p for p in net.parameters() if p.requires_grad] + list(motion_head.parameters() if motion_head else [])
+    params = [p for p in net.parameters() if p.requires_grad] + [p for h in heads.values() for p in h.parameters()]
     opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.95), weight_decay=0.01)
     warmup = max(1, args.steps // 20)
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -376,14 +390,14 @@ def train(args) -> None:
     for step in bar:
         net.train()
         batch = [conversation(proc, qs, rng, args.clean_turns, args.caption_p) for qs in rng.sample(train_set, args.batch)]
-        loss, motion_loss = batch_loss(net, batch, proc.pad_id, motion_head, args.motion_layer)
+        loss, dense_losses = batch_loss(net, batch, proc.pad_id, heads, args.motion_layer)
         opt.zero_grad(set_to_none=True)
-        (loss if motion_loss is None else loss + args.motion_weight * motion_loss).backward()
+        (loss + sum(dense[name][2] * v for name, v in dense_losses.items())).backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
         bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{sched.get_last_lr()[0]:.1e}",
-                        **({} if motion_loss is None else {"motion": f"{motion_loss.item():.3f}"}))
+                        **{name: f"{v.item():.3f}" for name, v in dense_losses.items()})
         if args.minutes and time.time() - start > args.minutes * 60:
             print(f"time budget of {args.minutes} min reached at step {step + 1}", file=sys.stderr)
             break
@@ -423,7 +437,10 @@ def main(argv=None):
     p.add_argument("--motion-weight", type=float, default=1.0,
                    help="stage 2: weight of the dense motion loss (each object token's direction, read off the "
                         "decoder's residual stream by a linear head thrown away after; default 1, 0: off)")
-    p.add_argument("--motion-layer", type=int, default=2, help="decoder layers before the motion head reads")
+    p.add_argument("--shape-weight", type=float, default=0.0,
+                   help="stage 2: weight of the dense shape loss (each object token's shape, read off the residual "
+                        "stream at --motion-layer like the motion loss; default 0: off)")
+    p.add_argument("--motion-layer", type=int, default=2, help="decoder layers before the dense heads read")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--scale-factor", type=int, default=2, help="pixel shuffle: 64 / s^2 tokens per frame")
     p.add_argument("--vision-width", type=int, default=96)
@@ -431,7 +448,7 @@ def main(argv=None):
                    help="CPU threads; on a busy machine 1 avoids OpenMP threads waiting on each other")
     args = p.parse_args(argv)
     layers = toy_config(1, 0).text.num_hidden_layers
-    if args.motion_weight and not 0 < args.motion_layer < layers:
+    if (args.motion_weight or args.shape_weight) and not 0 < args.motion_layer < layers:
         raise SystemExit(f"error: --motion-layer must be 1 to {layers - 1} (the toy decoder has {layers} layers), "
                          f"got {args.motion_layer}")
     for f in (args.train, args.val):

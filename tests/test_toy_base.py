@@ -83,6 +83,17 @@ def test_motion_targets_start_each_part_of_a_two_part_clip_at_its_own_first_fram
     assert set(_cells(motion[3]).values()) == {left}
 
 
+def test_shape_targets_label_every_token_an_object_covers_with_its_shape():
+    a, b = _obj("red", "triangle", 16, 0.0, 0.0, "right"), _obj("blue", "circle", 16, 48.0, 48.0, "left")
+    spec = T.ClipSpec(64, 64, 4, 8, (a, b))
+    shape = toy_base.shape_targets(spec, [0, 7], 4)
+    tri, circ = T.SHAPES.index("triangle"), T.SHAPES.index("circle")
+    assert shape.shape == (2, 16)
+    owners = toy_base.patch_owners(spec, 0, 4)
+    assert _cells(shape[0]) == {(j // 4, j % 4): [tri, circ][k] for j, k in enumerate(owners.tolist()) if k >= 0}
+    assert set(_cells(shape[0]).values()) == {tri, circ} and (0, 0) in _cells(shape[0])  # from the first frame on
+
+
 def test_clean_turns_never_let_an_answer_be_read_off_an_earlier_turn():
     rng, kinds_seen = random.Random(0), set()
     for index in range(60):
@@ -107,8 +118,8 @@ def test_clean_turns_never_let_an_answer_be_read_off_an_earlier_turn():
     assert any(k == ("caption",) for k in kinds_seen) and len(kinds_seen) > 5
 
 
-def test_the_motion_loss_reads_the_residual_stream_after_motion_layer_layers(tmp_path):
-    # Its gradient reaches the image features and the layers before the tap, and none after it.
+def test_the_dense_losses_read_the_residual_stream_after_motion_layer_layers(tmp_path):
+    # Their gradient reaches the image features and the layers before the tap, and none after it.
     tok = T.toy_tokenizer()
     config = toy_base.toy_config(tok.get_vocab_size(), tok.token_to_id("<image>"))
     torch.manual_seed(0)
@@ -117,16 +128,23 @@ def test_the_motion_loss_reads_the_residual_stream_after_motion_layer_layers(tmp
     image = config.image_token_id
     ids = [tok.token_to_id("<|im_start|>")] + [image] * 32 + tok.encode(" What").ids
     ex = {"ids": ids, "labels": [-100] * len(ids), "pixels": torch.randn(2, 3, 64, 64),
-          "motion": torch.randint(0, 4, (2, 16))}
-    head = torch.nn.Linear(config.text.hidden_size, 4)
-    answer, motion = toy_base.batch_loss(net, [ex, ex], tok.token_to_id("<|im_end|>"), head, motion_layer=2)
-    assert torch.isfinite(motion) and motion.item() > 0
-    motion.backward()
+          "motion": torch.randint(0, 4, (2, 16)), "shape": torch.randint(0, 3, (2, 16)).masked_fill_(
+              torch.arange(16) % 3 == 0, -100)}
+    heads = {"motion": torch.nn.Linear(config.text.hidden_size, 4), "shape": torch.nn.Linear(config.text.hidden_size, 3)}
+    answer, dense = toy_base.batch_loss(net, [ex, ex], tok.token_to_id("<|im_end|>"), heads, layer=2)
+    assert set(dense) == {"motion", "shape"} and all(torch.isfinite(v) and v.item() > 0 for v in dense.values())
+    # Each head's loss is the CE of its own classes on its labelled tokens (background -100 ignored).
+    with torch.no_grad():
+        h = net(torch.tensor([ex["ids"]] * 2), torch.cat([ex["pixels"]] * 2), output_hidden_states=True).hidden_states[2]
+        tokens = h[torch.tensor([ex["ids"]] * 2) == image]
+        want = torch.nn.functional.cross_entropy(heads["shape"](tokens), torch.cat([ex["shape"].flatten()] * 2))
+    assert dense["shape"].item() == pytest.approx(want.item(), rel=1e-5)
+    dense["motion"].backward()
     layers = net.model.text_model.layers
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in layers[1].parameters())
     assert all(p.grad is None for p in (*layers[2].parameters(), *layers[3].parameters()))
     assert net.model.connector.modality_projection.proj.weight.grad.abs().sum() > 0
-    assert toy_base.batch_loss(net, [ex], 0)[1] is None  # no head: no motion loss
+    assert toy_base.batch_loss(net, [ex], 0)[1] == {}  # no heads: no dense losses
 
 
 @pytest.fixture(scope="module")
