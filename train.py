@@ -93,14 +93,16 @@ class Rows(data.VideoTextDataset):
       `internalize.py --segments N` does; their adapters are composed in rank space (hypernet.compose_lora) and the
       composed adapter answers the row. Segments are cached beside the whole clips, within the same cache_mb.
       An index may come as (row index, composable): the sampler says False before --compose-from, so those steps
-      train whole clips only.
+      train whole clips only. compose_where (a manifest field, dotted into nested objects, e.g. spec.two_part)
+      limits composition to the rows where that field is true: videos whose segments show different things.
     """
 
     def __init__(self, manifest, proc, teacher_view: bool = False, limit: int | None = None, cache_mb: float = 0,
-                 compose_prob: float = 0.0, compose_parts: int = 2, seed: int = 0):
+                 compose_prob: float = 0.0, compose_parts: int = 2, seed: int = 0, compose_where: str | None = None):
         super().__init__(manifest, proc, cache_mb=cache_mb)
         self.rows, self.teacher_view = self.rows[:limit], teacher_view
         self.compose_prob, self.compose_parts, self.seed = compose_prob, compose_parts, seed
+        self.compose_where = compose_where.split(".") if compose_where else None
 
     def __getitem__(self, key):
         i, self.composable = key if isinstance(key, tuple) else (key, True)
@@ -108,6 +110,12 @@ class Rows(data.VideoTextDataset):
 
     def composed(self, row: dict) -> bool:
         """Whether this row trains a composed adapter: fixed per (seed, row id), so a resumed run agrees."""
+        if self.compose_where:
+            value = row
+            for key in self.compose_where:
+                value = value.get(key) if isinstance(value, dict) else None
+            if value is not True:
+                return False
         return zlib.crc32(f"{self.seed}:{row['id']}".encode()) < self.compose_prob * 2**32
 
     def segment_inputs(self, path: str, start: float, end: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -436,7 +444,8 @@ def train(args) -> dict:
     if not 0 <= args.compose_prob <= 1 or args.compose_parts < 2:
         raise SystemExit("error: --compose-prob must be in [0, 1] and --compose-parts at least 2")
     train_set = Rows(args.train, proc, teacher_view=args.kl_weight > 0, cache_mb=args.cache_mb,
-                     compose_prob=args.compose_prob, compose_parts=args.compose_parts, seed=args.seed)
+                     compose_prob=args.compose_prob, compose_parts=args.compose_parts, seed=args.seed,
+                     compose_where=args.compose_where)
     val_set = Rows(args.val, proc, limit=args.val_rows, cache_mb=args.cache_mb) if args.val else None
     say(f"device {d.device} x {d.world}, base {model_dir}; {train_set.summary()}", file=sys.stderr)
     if len(train_set) == 0:
@@ -604,6 +613,9 @@ def train_parser() -> argparse.ArgumentParser:
                    help="first step that composes rows (a warm start: whole clips only before it, so the adapter "
                         "learns to read the video before it learns to share the update with other segments)")
     g.add_argument("--compose-parts", type=int, default=2, help="equal segments a composed row's clip is cut into")
+    g.add_argument("--compose-where", default=None, metavar="FIELD",
+                   help="compose only rows whose manifest FIELD is true (dotted into nested objects, e.g. "
+                        "spec.two_part: the toy clips whose halves show different objects)")
     g.add_argument("--seed", type=int, default=0, help="init and data order")
     g = p.add_argument_group("running")
     g.add_argument("--val-every", type=int, default=1000, help="validate every N steps (and at the end)")

@@ -258,6 +258,23 @@ def test_compose_from_trains_whole_clips_first_and_resumes_on_the_same_schedule(
     assert log(cut, "composed") == [0, 0, 4, 4] and log(cut) == pytest.approx(log(run), rel=1e-5)
 
 
+def test_compose_where_composes_only_the_rows_whose_field_is_true(world, tmp_path):
+    """--compose-where spec.two_part: of the rows --compose-prob picks, only those whose (nested) manifest field is
+    true compose; a missing or false field trains the whole clip. The logged counts follow."""
+    marked = [{**r, "spec": {"two_part": i % 2 == 0}} for i, r in enumerate(world["rows"])]
+    marked[3].pop("spec")  # no field at all: never composed
+    (world["dir"] / "marked.jsonl").write_text("".join(json.dumps(r) + "\n" for r in marked))
+    proc = data.Processor(world["base"], max_frames=12)
+    rows = train.Rows(world["dir"] / "marked.jsonl", proc, compose_prob=1.0, compose_where="spec.two_part")
+    assert [rows.composed(r) for r in rows.rows] == [True, False, True, False]
+    every = train.Rows(world["dir"] / "marked.jsonl", proc, compose_prob=1.0)
+    assert [every.composed(r) for r in every.rows] == [True] * 4
+    run = tmp_path / "where"
+    train.main(run_args(world, run, "--steps", 2, "--batch", 4, "--accum", 1, "--compose-prob", 1.0,
+                        "--compose-where", "spec.two_part", manifest="marked.jsonl"))
+    assert log(run, "composed") == [2, 2]
+
+
 def F_ce(logits, labels) -> float:
     keep = labels != -100
     return torch.nn.functional.cross_entropy(logits[keep], labels[keep]).item()
