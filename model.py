@@ -359,12 +359,19 @@ class ModelOutput(NamedTuple):
     hidden_states: list[torch.Tensor] | None  # L x (B, T, D): the residual stream entering each layer
 
 
-def _attention_mask(cache: KVCache | None, attention_mask, B: int, T: int, device):
+def _attention_mask(cache: KVCache | None, attention_mask, B: int, T: int, device, position_ids=None):
     """Positions (B, T) and the SDPA mask (B, 1, T, S) or None (plain causal) for this step.
 
     Positions follow `generate` in transformers: cumsum(mask) - 1, so left padding puts the first real token at
     position 0 and a padded sequence computes exactly what the unpadded one does.
+    A (B, T, T) attention_mask says outright which keys each query sees (several answers packed after one shared
+    prefix, each seeing the prefix and itself only); it comes with its position_ids and no cache.
     """
+    if attention_mask is not None and attention_mask.dim() == 3:
+        if cache is not None or position_ids is None:
+            raise ValueError("a (B, T, T) attention_mask needs position_ids and no KV cache")
+        eye = torch.eye(T, dtype=torch.bool, device=device)  # every query sees itself: no empty softmax row
+        return position_ids, (attention_mask.bool() | eye)[:, None]
     past = cache.length if cache is not None else 0
     new = torch.ones(B, T, dtype=torch.bool, device=device) if attention_mask is None else attention_mask.bool()
     if cache is not None:
@@ -410,12 +417,14 @@ class SmolVLM(nn.Module):
         return x
 
     def forward(self, input_ids, pixel_values=None, attention_mask=None, lora=None, lora_alpha: float = 128.0,
-                cache: KVCache | None = None, output_hidden_states: bool = False, logits: str = "all"):
-        """lora: {target: (A (B, L, r, d_in), B (B, L, r, d_out))}; a leading 1 broadcasts over the batch."""
+                cache: KVCache | None = None, output_hidden_states: bool = False, logits: str = "all",
+                position_ids=None):
+        """lora: {target: (A (B, L, r, d_in), B (B, L, r, d_out))}; a leading 1 broadcasts over the batch.
+        attention_mask: (B, T), 1 = real token; or (B, T, T), True = query may see key, with position_ids (B, T)."""
         c = self.config.text
         B, T = input_ids.shape
         x = self.embed(input_ids, pixel_values)
-        positions, mask = _attention_mask(cache, attention_mask, B, T, x.device)
+        positions, mask = _attention_mask(cache, attention_mask, B, T, x.device, position_ids)
         cos, sin = rope_cos_sin(positions, c.head_dim, c.rope_theta, x.dtype)
         hidden = [] if output_hidden_states else None
         for i, layer in enumerate(self.model.text_model.layers):

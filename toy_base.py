@@ -22,6 +22,8 @@ Stage-2 options (README "A base that sees motion"):
   --shape-weight W   a dense shape objective: a second linear head reads each object token's shape off the same
                      layer (shape_targets). For questions that name an object by its shape (colour, direction).
   --clean-turns      chats in which no answer can be copied from an earlier turn (clean_turns); off, measured worse.
+  --branched         every question a branch after one shared video prefix (branches): no answer sees another
+                     turn, and none is lost, since all of a clip's questions still share one pass over the video.
 """
 from __future__ import annotations
 
@@ -282,11 +284,13 @@ def clean_turns(examples: list[dict], rng: random.Random, caption_p: float) -> l
 
 
 def conversation(proc: data.Processor, examples: list[dict], rng: random.Random, clean: bool = False,
-                 caption_p: float = 0.3) -> dict:
+                 caption_p: float = 0.3, branched: bool = False) -> dict:
     """Questions about one clip as one multi-turn chat (the chat template's multi-turn form, smolvlm2.md §5.4), so
     one pass over the video supervises several answers. Labels on the answers only. Packed (clean=False): all of
     the clip's questions in random order, so a later answer may be copied from an earlier one (the caption names
-    every colour); clean: clean_turns, so every answer has to come from the video."""
+    every colour); clean: clean_turns, so every answer has to come from the video. branched: branches()."""
+    if branched:
+        return branches(examples, rng)
     order = clean_turns(examples, rng, caption_p) if clean else rng.sample(examples, len(examples))
     ids, labels = list(order[0]["head"]), [-100] * len(order[0]["head"])
     for i, ex in enumerate(order):
@@ -298,6 +302,34 @@ def conversation(proc: data.Processor, examples: list[dict], rng: random.Random,
             **{k: order[0][k] for k in ("motion", "shape") if k in order[0]}}
 
 
+def branches(examples: list[dict], rng: random.Random) -> dict:
+    """All of a clip's questions after one shared prefix (the video), each question + answer a branch that sees the
+    prefix and itself only: every answer comes from the video, each exactly as the single-turn prompt asked at
+    inference would see it (the same tokens at the same positions), for the cost of one pass over the video.
+    "branch" is 0 on the prefix and k on the tokens of branch k; batch_loss turns it into the attention mask."""
+    heads = [ex["head"] for ex in examples]
+    P = next((i for i in range(min(map(len, heads))) if len({h[i] for h in heads}) > 1), min(map(len, heads)))
+    ids, labels, positions, branch = list(heads[0][:P]), [-100] * P, list(range(P)), [0] * P
+    for k, ex in enumerate(rng.sample(examples, len(examples)), 1):
+        turn = ex["head"][P:] + ex["tail"]
+        ids += turn
+        labels += [-100] * (len(ex["head"]) - P) + ex["tail"]
+        positions += range(P, P + len(turn))
+        branch += [k] * len(turn)
+    return {"ids": ids, "labels": labels, "positions": positions, "branch": branch, "pixels": examples[0]["pixels"],
+            **{k: examples[0][k] for k in ("motion", "shape") if k in examples[0]}}
+
+
+def branch_mask(batch: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, T, T) may-attend mask and (B, T) positions of right-padded branched examples: causal, and a token of
+    branch k sees the prefix and branch k only; padding is seen by nothing but padding."""
+    seg, _ = data.pad_batch([ex["branch"] for ex in batch], -1, side="right")
+    positions, _ = data.pad_batch([ex["positions"] for ex in batch], 0, side="right")
+    T = seg.shape[1]
+    causal = torch.ones(T, T, dtype=torch.bool).tril()
+    return causal & ((seg[:, None, :] == 0) | (seg[:, None, :] == seg[:, :, None])), positions
+
+
 def batch_loss(net: M.SmolVLM, batch: list[dict], pad_id: int, heads: dict[str, torch.nn.Linear] | None = None,
                layer: int = 2) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Teacher-forced cross-entropy on the answer tokens, averaged over all of them; and, for each dense head
@@ -305,7 +337,11 @@ def batch_loss(net: M.SmolVLM, batch: list[dict], pad_id: int, heads: dict[str, 
     token's residual stream after `layer` decoder layers, averaged over that head's labelled tokens."""
     ids, mask = data.pad_batch([ex["ids"] for ex in batch], pad_id, side="right")
     labels, _ = data.pad_batch([ex["labels"] for ex in batch], -100, side="right")
-    out = net(ids, torch.cat([ex["pixels"] for ex in batch]), mask, output_hidden_states=bool(heads))
+    positions = None
+    if "branch" in batch[0]:
+        mask, positions = branch_mask(batch)
+    out = net(ids, torch.cat([ex["pixels"] for ex in batch]), mask, output_hidden_states=bool(heads),
+              position_ids=positions)
     answer_loss = F.cross_entropy(out.logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten())
     if not heads:
         return answer_loss, {}
@@ -389,7 +425,8 @@ def train(args) -> None:
     bar = tqdm(range(args.steps), desc="toy base", unit="step")
     for step in bar:
         net.train()
-        batch = [conversation(proc, qs, rng, args.clean_turns, args.caption_p) for qs in rng.sample(train_set, args.batch)]
+        batch = [conversation(proc, qs, rng, args.clean_turns, args.caption_p, args.branched)
+                 for qs in rng.sample(train_set, args.batch)]
         loss, dense_losses = batch_loss(net, batch, proc.pad_id, heads, args.motion_layer)
         opt.zero_grad(set_to_none=True)
         (loss + sum(dense[name][2] * v for name, v in dense_losses.items())).backward()
@@ -432,6 +469,9 @@ def main(argv=None):
     p.add_argument("--clean-turns", action="store_true",
                    help="stage 2: chats in which no answer can be copied from an earlier turn (clean_turns) instead "
                         "of all of a clip's questions packed in one chat")
+    p.add_argument("--branched", action="store_true",
+                   help="stage 2: a clip's questions as branches after one shared video prefix (branches): each "
+                        "answer sees the video and its own question only, as at inference")
     p.add_argument("--caption-p", type=float, default=0.3, help="with --clean-turns: share of chats that are the "
                                                                  "caption alone")
     p.add_argument("--motion-weight", type=float, default=1.0,
@@ -451,6 +491,8 @@ def main(argv=None):
     if (args.motion_weight or args.shape_weight) and not 0 < args.motion_layer < layers:
         raise SystemExit(f"error: --motion-layer must be 1 to {layers - 1} (the toy decoder has {layers} layers), "
                          f"got {args.motion_layer}")
+    if args.branched and args.clean_turns:
+        raise SystemExit("error: --branched and --clean-turns are two ways of packing a clip's questions: pick one")
     for f in (args.train, args.val):
         if not Path(f).is_file():
             raise SystemExit(f"error: {f} not found; write clips first with `python toyworld.py clips ...`")

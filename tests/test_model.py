@@ -65,6 +65,29 @@ def test_padded_batch_equals_each_sample_alone(pair):
                 torch.testing.assert_close(out.hidden_states[l][i, real], ref.hidden_states[l][0], atol=1e-5, rtol=0)
 
 
+def test_branches_after_a_shared_prefix_equal_each_sequence_alone(pair):
+    """A (B, T, T) mask with position_ids: two answers packed after one video prefix, each seeing the prefix and
+    itself only, give the logits transformers gives each [prefix + branch] alone."""
+    hf, ours, _ = pair
+    prefix, branches = video_ids(2), [[11, 12, 13], [14, 15, 16, 17, 18]]
+    ids = torch.tensor([prefix + sum(branches, [])])
+    seg = torch.tensor([[0] * len(prefix) + [k + 1 for k, b in enumerate(branches) for _ in b]])
+    positions = torch.tensor([list(range(len(prefix))) + [len(prefix) + i for b in branches for i in range(len(b))]])
+    T = ids.shape[1]
+    causal = torch.ones(T, T, dtype=torch.bool).tril()
+    mask = causal & ((seg[:, None, :] == 0) | (seg[:, None, :] == seg[:, :, None]))
+    pix = _pixels(2, hf.config.vision_config.image_size)
+    out = ours(ids, pix, mask, position_ids=positions)
+    start = len(prefix)
+    for b in branches:
+        ref = hf(input_ids=torch.tensor([prefix + b]), pixel_values=pix[None]).logits[0]
+        torch.testing.assert_close(out.logits[0, start:start + len(b)], ref[len(prefix):], atol=1e-5, rtol=0)
+        start += len(b)
+    torch.testing.assert_close(out.logits[0, :len(prefix)], ref[:len(prefix)], atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="needs position_ids"):
+        ours(ids, pix, mask)
+
+
 def _greedy_no_cache(ours, ids, pix, n):
     seq = ids
     for _ in range(n):

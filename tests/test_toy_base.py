@@ -170,6 +170,35 @@ def test_load_examples_decodes_in_parallel_to_the_same_examples(clips, tmp_path)
     assert all(ex["pixels"] is clip[0]["pixels"] for ex in clip)  # one tensor per clip, shared by its questions
 
 
+def test_branched_questions_train_exactly_what_each_question_alone_would(clips, tmp_path):
+    """--branched: two clips' questions, each clip's packed as branches after its one video prefix, give the answer
+    loss (mean over every answer token) of all of their questions asked one at a time, as at inference."""
+    tok = T.toy_tokenizer()
+    config = toy_base.toy_config(tok.get_vocab_size(), tok.token_to_id("<image>"))
+    torch.manual_seed(0)
+    net = M.SmolVLM(config)
+    toy_base.init_weights(net)
+    toy_base.write_model_dir(tmp_path / "m", config, tok, net.state_dict())
+    proc = data.Processor(tmp_path / "m")
+    examples = toy_base.load_examples(clips[0], proc, limit=2)
+    by_clip = [[ex for ex in examples if ex["row"]["clip_id"] == c] for c in ("train_00000", "train_00001")]
+    rng = random.Random(0)
+    branched = [toy_base.conversation(proc, qs, rng, branched=True) for qs in by_clip]
+    assert all(len(qs) > 2 for qs in by_clip) and len(branched[0]["ids"]) != len(branched[1]["ids"])  # padded
+    assert [sum(1 for x in b["labels"] if x != -100) for b in branched] == \
+        [sum(len(ex["tail"]) for ex in qs) for qs in by_clip]
+    alone = [{"ids": ex["head"] + ex["tail"], "labels": [-100] * len(ex["head"]) + ex["tail"], "pixels": ex["pixels"]}
+             for qs in by_clip for ex in qs]
+    with torch.no_grad():
+        got, _ = toy_base.batch_loss(net, branched, proc.pad_id)
+        want, _ = toy_base.batch_loss(net, alone, proc.pad_id)
+        packed, _ = toy_base.batch_loss(net, [toy_base.conversation(proc, qs, rng) for qs in by_clip], proc.pad_id)
+    assert got.item() == pytest.approx(want.item(), rel=1e-5)
+    assert packed.item() != pytest.approx(want.item(), rel=1e-3)  # the multi-turn chat lets turns see each other
+    with pytest.raises(SystemExit, match="pick one"):
+        toy_base.main(["--branched", "--clean-turns"])
+
+
 def _train(clips, out, steps):
     threads = torch.get_num_threads()  # --threads sets the process-wide count: give the rest of the suite its own back
     try:
