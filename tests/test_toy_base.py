@@ -171,7 +171,7 @@ def test_load_examples_decodes_in_parallel_to_the_same_examples(clips, tmp_path)
 
 
 def test_branched_questions_train_exactly_what_each_question_alone_would(clips, tmp_path):
-    """--branched: two clips' questions, each clip's packed as branches after its one video prefix, give the answer
+    """--chat branched (the default): two clips' questions, each clip's packed as branches after its one video prefix, give the answer
     loss (mean over every answer token) of all of their questions asked one at a time, as at inference."""
     tok = T.toy_tokenizer()
     config = toy_base.toy_config(tok.get_vocab_size(), tok.token_to_id("<image>"))
@@ -183,7 +183,7 @@ def test_branched_questions_train_exactly_what_each_question_alone_would(clips, 
     examples = toy_base.load_examples(clips[0], proc, limit=2)
     by_clip = [[ex for ex in examples if ex["row"]["clip_id"] == c] for c in ("train_00000", "train_00001")]
     rng = random.Random(0)
-    branched = [toy_base.conversation(proc, qs, rng, branched=True) for qs in by_clip]
+    branched = [toy_base.conversation(proc, qs, rng) for qs in by_clip]  # the default
     assert all(len(qs) > 2 for qs in by_clip) and len(branched[0]["ids"]) != len(branched[1]["ids"])  # padded
     assert [sum(1 for x in b["labels"] if x != -100) for b in branched] == \
         [sum(len(ex["tail"]) for ex in qs) for qs in by_clip]
@@ -192,11 +192,10 @@ def test_branched_questions_train_exactly_what_each_question_alone_would(clips, 
     with torch.no_grad():
         got, _ = toy_base.batch_loss(net, branched, proc.pad_id)
         want, _ = toy_base.batch_loss(net, alone, proc.pad_id)
-        packed, _ = toy_base.batch_loss(net, [toy_base.conversation(proc, qs, rng) for qs in by_clip], proc.pad_id)
+        packed, _ = toy_base.batch_loss(net, [toy_base.conversation(proc, qs, rng, "packed") for qs in by_clip],
+                                        proc.pad_id)
     assert got.item() == pytest.approx(want.item(), rel=1e-5)
     assert packed.item() != pytest.approx(want.item(), rel=1e-3)  # the multi-turn chat lets turns see each other
-    with pytest.raises(SystemExit, match="pick one"):
-        toy_base.main(["--branched", "--clean-turns"])
 
 
 def _train(clips, out, steps):
@@ -234,7 +233,8 @@ def test_motion_objective_is_on_by_default_and_a_bad_motion_layer_is_a_one_line_
                        "2", "--batch", "2", "--vision-steps", "2", "--vision-batch", "4", "--val-clips", "2",
                        "--minutes", "0", "--threads", "1", "--motion-layer", "1"])
         assert M.load_model(tmp_path / "m").config.text.num_hidden_layers == 4
-        assert json.loads((tmp_path / "m" / "training.json").read_text())["args"]["motion_weight"] == 1.0
+        args = json.loads((tmp_path / "m" / "training.json").read_text())["args"]
+        assert args["motion_weight"] == 1.0 and args["chat"] == "branched"
         for bad in ("0", "4"):
             with pytest.raises(SystemExit) as e:
                 toy_base.main(["--train", str(clips[0]), "--val", str(clips[1]), "--out", str(tmp_path / "x"),
