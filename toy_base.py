@@ -291,6 +291,8 @@ def conversation(proc: data.Processor, examples: list[dict], rng: random.Random,
     the answers only. branched: branches(). Otherwise one multi-turn chat (the chat template's multi-turn form,
     smolvlm2.md §5.4): packed, all of the clip's questions in random order, so a later answer may be copied from an
     earlier one (the caption names every colour); clean: clean_turns, so every answer has to come from the video."""
+    if chat == "mixed":  # each clip's sequence branched or packed, with equal chance
+        chat = "branched" if rng.random() < 0.5 else "packed"
     if chat == "branched":
         return branches(examples, rng)
     order = clean_turns(examples, rng, caption_p) if chat == "clean" else rng.sample(examples, len(examples))
@@ -468,10 +470,11 @@ def main(argv=None):
     p.add_argument("--minutes", type=float, default=19.5,
                    help="stop stage 2 early at this wall-clock budget, counted from the start with the clip loading "
                         "included (the final held-out score comes after it); 0: none")
-    p.add_argument("--chat", choices=["branched", "packed", "clean"], default="branched",
+    p.add_argument("--chat", choices=["branched", "packed", "clean", "mixed"], default="branched",
                    help="stage 2, how a clip's questions share one pass over the video: branches after the video, "
                         "each seeing the video and itself only (branched, default); one multi-turn chat (packed); "
-                        "a chat in which no answer can be copied from an earlier turn (clean)")
+                        "a chat in which no answer can be copied from an earlier turn (clean); each clip one of "
+                        "branched or packed, with equal chance (mixed)")
     p.add_argument("--caption-p", type=float, default=0.3, help="with --chat clean: share of chats that are the "
                                                                  "caption alone")
     p.add_argument("--motion-weight", type=float, default=1.0,

@@ -195,6 +195,7 @@ def test_branched_questions_train_exactly_what_each_question_alone_would(clips, 
         packed, _ = toy_base.batch_loss(net, [toy_base.conversation(proc, qs, rng, "packed") for qs in by_clip],
                                         proc.pad_id)
     assert got.item() == pytest.approx(want.item(), rel=1e-5)
+    assert {"branch" in toy_base.conversation(proc, by_clip[0], rng, "mixed") for _ in range(20)} == {True, False}
     assert packed.item() != pytest.approx(want.item(), rel=1e-3)  # the multi-turn chat lets turns see each other
 
 
