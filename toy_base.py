@@ -326,9 +326,10 @@ def branches(examples: list[dict], rng: random.Random) -> dict:
 
 def branch_mask(batch: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, T, T) may-attend mask and (B, T) positions of right-padded branched examples: causal, and a token of
-    branch k sees the prefix and branch k only; padding is seen by nothing but padding."""
-    seg, _ = data.pad_batch([ex["branch"] for ex in batch], -1, side="right")
-    positions, _ = data.pad_batch([ex["positions"] for ex in batch], 0, side="right")
+    branch k sees the prefix and branch k only; padding is seen by nothing but padding. An example without
+    branches (a packed chat, in a --chat mixed batch) is all prefix: plain causal."""
+    seg, _ = data.pad_batch([ex.get("branch", [0] * len(ex["ids"])) for ex in batch], -1, side="right")
+    positions, _ = data.pad_batch([ex.get("positions", range(len(ex["ids"]))) for ex in batch], 0, side="right")
     T = seg.shape[1]
     causal = torch.ones(T, T, dtype=torch.bool).tril()
     return causal & ((seg[:, None, :] == 0) | (seg[:, None, :] == seg[:, :, None])), positions
@@ -342,7 +343,7 @@ def batch_loss(net: M.SmolVLM, batch: list[dict], pad_id: int, heads: dict[str, 
     ids, mask = data.pad_batch([ex["ids"] for ex in batch], pad_id, side="right")
     labels, _ = data.pad_batch([ex["labels"] for ex in batch], -100, side="right")
     positions = None
-    if "branch" in batch[0]:
+    if any("branch" in ex for ex in batch):
         mask, positions = branch_mask(batch)
     out = net(ids, torch.cat([ex["pixels"] for ex in batch]), mask, output_hidden_states=bool(heads),
               position_ids=positions)

@@ -196,6 +196,13 @@ def test_branched_questions_train_exactly_what_each_question_alone_would(clips, 
                                         proc.pad_id)
     assert got.item() == pytest.approx(want.item(), rel=1e-5)
     assert {"branch" in toy_base.conversation(proc, by_clip[0], rng, "mixed") for _ in range(20)} == {True, False}
+    # --chat mixed puts both kinds in one batch: each is computed as it would be alone (a token-weighted mean).
+    chats = [branched[0], toy_base.conversation(proc, by_clip[1], rng, "packed")]
+    n = [sum(1 for x in c["labels"][1:] if x != -100) for c in chats]
+    with torch.no_grad():
+        mixed, _ = toy_base.batch_loss(net, chats, proc.pad_id)
+        each = [toy_base.batch_loss(net, [c], proc.pad_id)[0].item() for c in chats]
+    assert mixed.item() == pytest.approx((n[0] * each[0] + n[1] * each[1]) / sum(n), rel=1e-5)
     assert packed.item() != pytest.approx(want.item(), rel=1e-3)  # the multi-turn chat lets turns see each other
 
 
