@@ -21,11 +21,12 @@ Stage-2 options (README "A base that sees motion"):
                      away after). Direction in context 0.38 without it (--motion-weight 0), 0.87 with it.
   --shape-weight W   a dense shape objective: a second linear head reads each object token's shape off the same
                      layer (shape_targets). For questions that name an object by its shape (colour, direction).
-  --chat MODE        how a clip's questions share one pass over its video. branched (default, the shipped base):
-                     every question a branch after the shared video prefix (branches), seeing the video and itself
-                     only, as at inference. packed: one multi-turn chat, where a later answer can be copied from an
-                     earlier turn (the base shipped before: colour 0.87, direction 0.87 in context; branched 0.99,
-                     0.96). clean: chats in which no answer can be copied (clean_turns), half the answers; worse.
+  --chat MODE        how a clip's questions share one pass over its video. packed (default, the shipped base): one
+                     multi-turn chat, where a later answer can be copied from an earlier turn. branched: every
+                     question a branch after the shared video prefix (branches), seeing the video and itself only,
+                     as at inference: in context colour 0.87 -> 0.99, direction 0.87 -> 0.96, but the hypernetwork
+                     then stays on its plateau (README). mixed: each clip one of the two. clean: chats in which no
+                     answer can be copied (clean_turns), half the answers; worse.
 """
 from __future__ import annotations
 
@@ -285,7 +286,7 @@ def clean_turns(examples: list[dict], rng: random.Random, caption_p: float) -> l
     return by_kind.get("count", []) + sum(attributes, []) + directions
 
 
-def conversation(proc: data.Processor, examples: list[dict], rng: random.Random, chat: str = "branched",
+def conversation(proc: data.Processor, examples: list[dict], rng: random.Random, chat: str = "packed",
                  caption_p: float = 0.3) -> dict:
     """Questions about one clip in one sequence, so one pass over the video supervises several answers. Labels on
     the answers only. branched: branches(). Otherwise one multi-turn chat (the chat template's multi-turn form,
@@ -471,9 +472,9 @@ def main(argv=None):
     p.add_argument("--minutes", type=float, default=19.5,
                    help="stop stage 2 early at this wall-clock budget, counted from the start with the clip loading "
                         "included (the final held-out score comes after it); 0: none")
-    p.add_argument("--chat", choices=["branched", "packed", "clean", "mixed"], default="branched",
-                   help="stage 2, how a clip's questions share one pass over the video: branches after the video, "
-                        "each seeing the video and itself only (branched, default); one multi-turn chat (packed); "
+    p.add_argument("--chat", choices=["packed", "branched", "mixed", "clean"], default="packed",
+                   help="stage 2, how a clip's questions share one pass over the video: one multi-turn chat (packed, "
+                        "default); branches after the video, each seeing the video and itself only (branched); "
                         "a chat in which no answer can be copied from an earlier turn (clean); each clip one of "
                         "branched or packed, with equal chance (mixed)")
     p.add_argument("--caption-p", type=float, default=0.3, help="with --chat clean: share of chats that are the "

@@ -171,7 +171,7 @@ def test_load_examples_decodes_in_parallel_to_the_same_examples(clips, tmp_path)
 
 
 def test_branched_questions_train_exactly_what_each_question_alone_would(clips, tmp_path):
-    """--chat branched (the default): two clips' questions, each clip's packed as branches after its one video prefix, give the answer
+    """--chat branched: two clips' questions, each clip's packed as branches after its one video prefix, give the answer
     loss (mean over every answer token) of all of their questions asked one at a time, as at inference."""
     tok = T.toy_tokenizer()
     config = toy_base.toy_config(tok.get_vocab_size(), tok.token_to_id("<image>"))
@@ -183,7 +183,7 @@ def test_branched_questions_train_exactly_what_each_question_alone_would(clips, 
     examples = toy_base.load_examples(clips[0], proc, limit=2)
     by_clip = [[ex for ex in examples if ex["row"]["clip_id"] == c] for c in ("train_00000", "train_00001")]
     rng = random.Random(0)
-    branched = [toy_base.conversation(proc, qs, rng) for qs in by_clip]  # the default
+    branched = [toy_base.conversation(proc, qs, rng, "branched") for qs in by_clip]
     assert all(len(qs) > 2 for qs in by_clip) and len(branched[0]["ids"]) != len(branched[1]["ids"])  # padded
     assert [sum(1 for x in b["labels"] if x != -100) for b in branched] == \
         [sum(len(ex["tail"]) for ex in qs) for qs in by_clip]
@@ -242,7 +242,7 @@ def test_motion_objective_is_on_by_default_and_a_bad_motion_layer_is_a_one_line_
                        "--minutes", "0", "--threads", "1", "--motion-layer", "1"])
         assert M.load_model(tmp_path / "m").config.text.num_hidden_layers == 4
         args = json.loads((tmp_path / "m" / "training.json").read_text())["args"]
-        assert args["motion_weight"] == 1.0 and args["chat"] == "branched"
+        assert args["motion_weight"] == 1.0 and args["chat"] == "packed"
         for bad in ("0", "4"):
             with pytest.raises(SystemExit) as e:
                 toy_base.main(["--train", str(clips[0]), "--val", str(clips[1]), "--out", str(tmp_path / "x"),
