@@ -118,13 +118,22 @@ def test_clean_turns_never_let_an_answer_be_read_off_an_earlier_turn():
     assert any(k == ("caption",) for k in kinds_seen) and len(kinds_seen) > 5
 
 
-def test_the_dense_losses_read_the_residual_stream_after_motion_layer_layers(tmp_path):
-    # Their gradient reaches the image features and the layers before the tap, and none after it.
+def random_base(folder=None):
+    """The toy base's architecture, initialised as toy_base does (seed 0), untrained; written to `folder` in the HF
+    layout when one is given. -> (net, config, tokenizer)."""
     tok = T.toy_tokenizer()
     config = toy_base.toy_config(tok.get_vocab_size(), tok.token_to_id("<image>"))
     torch.manual_seed(0)
     net = M.SmolVLM(config)
     toy_base.init_weights(net)
+    if folder is not None:
+        toy_base.write_model_dir(folder, config, tok, net.state_dict())
+    return net, config, tok
+
+
+def test_the_dense_losses_read_the_residual_stream_after_motion_layer_layers(tmp_path):
+    # Their gradient reaches the image features and the layers before the tap, and none after it.
+    net, config, tok = random_base()
     image = config.image_token_id
     ids = [tok.token_to_id("<|im_start|>")] + [image] * 32 + tok.encode(" What").ids
     ex = {"ids": ids, "labels": [-100] * len(ids), "pixels": torch.randn(2, 3, 64, 64),
@@ -173,12 +182,7 @@ def test_load_examples_decodes_in_parallel_to_the_same_examples(clips, tmp_path)
 def test_branched_questions_train_exactly_what_each_question_alone_would(clips, tmp_path):
     """--chat branched: two clips' questions, each clip's packed as branches after its one video prefix, give the answer
     loss (mean over every answer token) of all of their questions asked one at a time, as at inference."""
-    tok = T.toy_tokenizer()
-    config = toy_base.toy_config(tok.get_vocab_size(), tok.token_to_id("<image>"))
-    torch.manual_seed(0)
-    net = M.SmolVLM(config)
-    toy_base.init_weights(net)
-    toy_base.write_model_dir(tmp_path / "m", config, tok, net.state_dict())
+    net, _, _ = random_base(tmp_path / "m")
     proc = data.Processor(tmp_path / "m")
     examples = toy_base.load_examples(clips[0], proc, limit=2)
     by_clip = [[ex for ex in examples if ex["row"]["clip_id"] == c] for c in ("train_00000", "train_00001")]

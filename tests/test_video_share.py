@@ -5,24 +5,17 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 import data
-import model as M
-import toy_base
 import toyworld as T
+from test_toy_base import random_base
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import video_share  # noqa: E402
 
 
 def test_video_share_is_zero_for_one_clip_repeated_and_positive_across_clips(tmp_path):
-    tok = T.toy_tokenizer()
-    config = toy_base.toy_config(tok.get_vocab_size(), tok.token_to_id("<image>"))
-    torch.manual_seed(0)
-    net = M.SmolVLM(config)
-    toy_base.init_weights(net)
-    toy_base.write_model_dir(tmp_path / "m", config, tok, net.state_dict())
+    _, config, _ = random_base(tmp_path / "m")
     rows, _ = data.read_manifest(T.write_split("heldout", 3, tmp_path / "clips", progress=False))
     paths = list(dict.fromkeys(r["video_path"] for r in rows))
     same = video_share.video_share(str(tmp_path / "m"), [paths[0]] * 3)
