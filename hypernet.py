@@ -53,6 +53,12 @@ class HyperConfig:
     # scaler_B = 0 no gradient reaches the generating head until scaler_B itself drifts away from 0; in a short
     # training run the static LoRA absorbs everything meanwhile and the adapter never depends on the video.
     init: str = "released"
+    # Beyond the released recipe (README "The adapter"): "batch" standardises every feature of the perceiver's output
+    # over the clips of a training batch (BatchNorm without affine, per layer, query row and feature) and by running
+    # statistics at inference. The clip-to-clip part of a uniformly pooled state is small beside the part every clip
+    # shares; standardising leaves only the first, so the generated rows depend on the video from step 1 and the
+    # static rows carry what all videos share. "none" (released): no such layer.
+    out_norm: str = "none"
 
     @property
     def targets(self) -> tuple[str, ...]:
@@ -209,6 +215,12 @@ class HyperNet(nn.Module):
         self.scaler_B = nn.ParameterDict({t: P(L, r) for t in c.targets})
         self.bias_A = nn.ParameterDict({t: P(L, r, i) for t, i, o in c.target_shapes})      # static LoRA
         self.bias_B = nn.ParameterDict({t: P(L, r, o) for t, i, o in c.target_shapes})
+        if c.out_norm not in ("none", "batch"):
+            raise ValueError(f"unknown hypernetwork out_norm {c.out_norm!r}: choose none or batch")
+        if c.out_norm == "batch":  # saved with the weights; a hypernetwork without them has no such tensors
+            n_q = len(c.targets) * r
+            self.register_buffer("running_mean", torch.zeros(L * n_q * W))
+            self.register_buffer("running_var", torch.ones(L * n_q * W))
         self.perceive = self._perceive  # compile_hypernet() swaps in a compiled version; weights are unchanged
         self.reset_parameters()
 
@@ -244,6 +256,9 @@ class HyperNet(nn.Module):
                 nn.init.zeros_(self.scaler_B[t])
             nn.init.normal_(self.bias_A[t], 0.0, 0.2 / math.sqrt(d_in * c.rank))
             nn.init.zeros_(self.bias_B[t])
+        if c.out_norm == "batch":
+            self.running_mean.zero_()
+            self.running_var.fill_(1.0)
 
     def _perceive(self, h, keep):  # h (N, T, D) one sequence per (sample, layer), keep (N, T) -> (N, n_q, W)
         x = self.modality_projection(h.to(self.modality_projection.gate_proj.weight.dtype))  # (N, T, W)
@@ -276,8 +291,17 @@ class HyperNet(nn.Module):
                     e = self.perceive(h.reshape(B * n, T, D), k)                   # (B*n, n_q, W)
             embs.append(e.float().view(B, n, -1, c.latent_size))
         # Pre-head, L2 norm and head run in fp32 outside autocast, as in the authors' HyperLoRA.forward.
-        e = F.normalize(self.pre_head(torch.cat(embs, dim=1)), dim=-1)             # (B, L, n_q, W)
+        e = torch.cat(embs, dim=1)                                                  # (B, L, n_q, W)
+        if c.out_norm == "batch":
+            e = self._standardize(e)
+        e = F.normalize(self.pre_head(e), dim=-1)
         return self._to_lora(e)
+
+    def _standardize(self, e):  # (B, L, n_q, W): each feature over the batch in training, running stats otherwise
+        batch_stats = self.training and e.shape[0] > 1  # one clip has no spread to measure: use the running stats
+        flat = F.batch_norm(e.reshape(e.shape[0], -1), self.running_mean, self.running_var,
+                            training=batch_stats, momentum=0.1, eps=1e-5)
+        return flat.view_as(e)
 
     def _to_lora(self, e):  # e (B, L, n_q, W) -> {target: (A (B, L, 2r, d_in), B (B, L, 2r, d_out))}
         B, r, out = e.shape[0], self.config.rank, {}
@@ -402,4 +426,4 @@ def load_hypernet(path, model_config=None, device="cpu") -> HyperNet:
     if missing or unexpected:
         raise ValueError(f"{weights}: missing tensors {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}")
     net.load_state_dict(state, strict=True, assign=True)
-    return net
+    return net.eval()  # inference mode: out_norm "batch" uses its running statistics (train.py calls .train())

@@ -429,7 +429,7 @@ def _ignore_sigint(_worker_id):
 
 # ------------------------------------------------------------------------------------------------ the loop
 HYPER_FLAGS = ("latent_size", "n_latents", "num_blocks", "n_heads", "head_dim", "n_kv_heads", "rank", "proj_mult",
-               "alpha", "init")
+               "alpha", "init", "out_norm")
 
 
 def hyper_config(args, vlm_config) -> HyperConfig:
@@ -455,6 +455,7 @@ def train(args) -> dict:
         net, state = load_hypernet(ckpt, vlm.config, d.device), json.loads((ckpt / "state.json").read_text())
     else:
         net, state = HyperNet(hyper_config(args, vlm.config)).to(d.device), {"step": 0, "best_val_ce": None}
+    net.train()  # load_hypernet returns it in inference mode
     opt = torch.optim.AdamW(net.parameters(), lr=args.lr, betas=(0.9, 0.999), weight_decay=args.wd)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine_with_warmup(args.steps, args.warmup))
     if ckpt is not None:
@@ -637,7 +638,7 @@ def train_parser() -> argparse.ArgumentParser:
     for f in HYPER_FLAGS:  # --latent-size, --n-latents, ..., named as the HyperConfig fields they set
         default = HyperConfig.__dataclass_fields__[f].default
         g.add_argument("--" + f.replace("_", "-"), type=type(default), default=default, help=f"default {default}",
-                       choices=("released", "lora") if f == "init" else None)
+                       choices={"init": ("released", "lora"), "out_norm": ("none", "batch")}.get(f))
     return p
 
 

@@ -255,3 +255,33 @@ def test_compose_lora_is_adapter_concat_batched_and_differentiable():
     # Every video with a single segment: nothing changes.
     ones = compose_lora(lora, torch.arange(5), r)
     assert all(torch.equal(ones[t][k], lora[t][k]) for t in lora for k in range(2))
+
+
+def test_out_norm_batch_standardises_over_the_batch_in_training_and_uses_running_stats_at_inference(tmp_path):
+    """out_norm="batch": in training every perceiver output feature has mean 0 and variance 1 over the clips of the
+    batch, and the running statistics follow the batches; at inference a clip's adapter is the same alone or in any
+    batch, and it survives save/load bit-exactly (load_hypernet returns the net in inference mode)."""
+    torch.manual_seed(0)
+    net = HyperNet(HyperConfig.for_model(model_config(), init="lora", out_norm="batch", **TINY_PERCEIVER))
+    seen = []
+    net.pre_head.register_forward_hook(lambda m, args, out: seen.append(args[0].detach()))
+    h, mask = inputs(net, B=6)
+    h = h + 3.0  # a part every clip shares, as in real hidden states
+    net.train()
+    net(h, mask)
+    e = seen[-1].flatten(1)  # (B, L * n_q * W)
+    assert e.mean(0).abs().max() < 1e-4
+    assert torch.allclose(e.var(0, unbiased=False), torch.ones(e.shape[1]), atol=1e-2)  # eps 1e-5
+    assert net.running_mean.abs().max() > 0  # moved from its zero start
+    net(h[:1], mask[:1])  # one clip in training: no spread to measure, the running statistics are used (no error)
+    net.eval()
+    alone = net(h[:1], mask[:1])["down_proj"]
+    batched = net(h, mask)["down_proj"]
+    assert all(torch.allclose(x[:1], y, atol=1e-6) for x, y in zip(batched, alone))
+    save_hypernet(tmp_path / "hn", net)
+    loaded = load_hypernet(tmp_path / "hn", model_config=model_config())
+    assert not loaded.training and torch.equal(loaded.running_var, net.running_var)
+    assert all(torch.equal(x, y) for x, y in zip(loaded(h, mask)["down_proj"], batched))
+    assert "running_mean" not in tiny().state_dict()  # out_norm "none" (released): nothing new in the checkpoint
+    with pytest.raises(ValueError, match="unknown hypernetwork out_norm"):
+        HyperNet(HyperConfig.for_model(model_config(), out_norm="layer", **TINY_PERCEIVER))
