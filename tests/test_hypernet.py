@@ -271,7 +271,8 @@ def test_out_norm_batch_standardises_over_the_batch_in_training_and_uses_running
     net(h, mask)
     e = seen[-1].flatten(1)  # (B, L * n_q * W)
     assert e.mean(0).abs().max() < 1e-4
-    assert torch.allclose(e.var(0, unbiased=False), torch.ones(e.shape[1]), atol=1e-2)  # eps 1e-5
+    var = e.var(0, unbiased=False)  # 1, less the eps of 1e-5 for the few features that barely vary from clip to clip
+    assert var.max() < 1 + 1e-4 and (var > 0.99).float().mean() > 0.95
     assert net.running_mean.abs().max() > 0  # moved from its zero start
     net(h[:1], mask[:1])  # one clip in training: no spread to measure, the running statistics are used (no error)
     net.eval()
