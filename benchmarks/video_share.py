@@ -59,7 +59,7 @@ def linear_probe(x_train, y_train: list, x_test, y_test: list, l2: float = 1e-2)
     classes = sorted(set(y_train))
     index = {c: i for i, c in enumerate(classes)}
     a, b = torch.tensor([index[c] for c in y_train]), torch.tensor([index.get(c, -1) for c in y_test])
-    mu, sd = x_train.mean(0), x_train.std(0) + 1e-6
+    mu, sd = x_train.mean(0), x_train.std(0, correction=0) + 1e-6
     x_train, x_test = (x_train - mu) / sd, (x_test - mu) / sd
     W = torch.zeros(x_train.shape[1], len(classes), requires_grad=True)
     bias = torch.zeros(len(classes), requires_grad=True)
