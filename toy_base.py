@@ -24,8 +24,9 @@ Stage-2 options (README "A base that sees motion"):
   --chat MODE        how a clip's questions share one pass over its video. packed (default, the shipped base): one
                      multi-turn chat, where a later answer can be copied from an earlier turn. branched: every
                      question a branch after the shared video prefix (branches), seeing the video and itself only,
-                     as at inference: in context colour 0.87 -> 0.99, direction 0.87 -> 0.96, but the hypernetwork
-                     then stays on its plateau (README). mixed: each clip one of the two. clean: chats in which no
+                     as at inference: in context colour 0.87 -> 0.99, direction 0.87 -> 0.96 on one machine (shape
+                     0.62 on another: README), and a hypernetwork leaves its plateau on it only with --out-norm
+                     batch. mixed: each clip one of the two. clean: chats in which no
                      answer can be copied (clean_turns), half the answers; worse.
 """
 from __future__ import annotations
