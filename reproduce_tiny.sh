@@ -16,14 +16,15 @@ python toy_base.py --train data/toy/train/manifest.jsonl --val data/toy/heldout/
 
 python train.py teacher --size tiny --manifest data/toy/train/manifest.jsonl --out data/toy/train/teacher.jsonl \
     --batch 32 --max-new-tokens 24
-# A 6000-step cosine schedule cut at step 4000 (~18 min; best/ keeps the lowest validation CE, step 3500 when
-# shipped); from step 2500 half of the rows train through the composition of their two halves' adapters (README).
+# A 6000-step cosine schedule cut at step 4000 (best/ keeps the lowest validation CE); the perceiver's output is
+# standardised over each batch (--out-norm batch); from step 2000 the two-part clips' rows train through the
+# composition of their two halves' adapters (README).
 resume=(); [ -d runs/toy/latest ] && resume=(--resume)   # an interrupted run goes on from its last checkpoint
 python train.py --size tiny --train data/toy/train/teacher.jsonl --val data/toy/heldout/manifest.jsonl \
     --out runs/toy --latent-size 128 --n-latents 16 --num-blocks 2 --n-heads 4 --head-dim 32 --n-kv-heads 2 \
     --rank 16 --proj-mult 2 --lr 5e-4 --batch 16 --accum 1 --steps 6000 --stop-at 4000 --val-every 250 --save-every 250 \
-    --val-rows 300 --workers 0 --init lora --kl-weight 1 --cache-mb 6000 --cache-hidden-mb 6000 --compose-prob 0.5 \
-    --compose-from 2500 ${resume[@]+"${resume[@]}"}
+    --val-rows 300 --workers 0 --init lora --kl-weight 1 --cache-mb 6000 --cache-hidden-mb 6000 --compose-prob 1 \
+    --compose-where spec.two_part --compose-from 2000 --out-norm batch ${resume[@]+"${resume[@]}"}
 mkdir -p checkpoints/tiny/hypernet
 cp runs/toy/best/hypernet.safetensors runs/toy/best/hypernet.json checkpoints/tiny/hypernet/
 
