@@ -25,9 +25,9 @@ Stage-2 options (README "A base that sees motion"):
                      multi-turn chat, where a later answer can be copied from an earlier turn. branched: every
                      question a branch after the shared video prefix (branches), seeing the video and itself only,
                      as at inference: in context colour 0.87 -> 0.99, direction 0.87 -> 0.96 on one machine (shape
-                     0.62 on another: README), and a hypernetwork leaves its plateau on it only with --out-norm
-                     batch. mixed: each clip one of the two. clean: chats in which no
-                     answer can be copied (clean_turns), half the answers; worse.
+                     0.62 on another, fixed there by --shape-weight 1: in context 0.971 with --minutes 0; README),
+                     but the shipped hypernetwork recipe reads it worse (adapter 0.739). mixed: each clip one of
+                     the two. clean: chats in which no answer can be copied (clean_turns), half the answers; worse.
 """
 from __future__ import annotations
 
