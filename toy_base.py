@@ -143,13 +143,14 @@ def load_examples(manifest, proc: data.Processor, limit: int | None = None, work
         decoded = [proc.load_video(path) for path in tqdm(paths, desc, unit="clip", leave=False)]
     clips, out = dict(zip(paths, decoded)), []
     pixels = {path: torch.stack(clip.frames) for path, clip in clips.items()}  # one tensor per clip
+    context = {path: proc.internalization_inputs(clip)[0][0].tolist() for path, clip in clips.items()}
     for row in rows:
         if row["video_path"] in clips:
             clip = clips[row["video_path"]]
             head, _ = proc.question_inputs(row["prompt"], video=clip)
             tail = proc.encode(" " + row["target_text"] + "<end_of_utterance>")
             out.append({"head": head[0].tolist(), "tail": tail, "pixels": pixels[row["video_path"]], "row": row,
-                        "indices": clip.indices})
+                        "indices": clip.indices, "context": context[row["video_path"]]})
     return out
 
 
@@ -316,14 +317,41 @@ def branches(examples: list[dict], rng: random.Random) -> dict:
     heads = [ex["head"] for ex in examples]
     P = next((i for i in range(min(map(len, heads))) if len({h[i] for h in heads}) > 1), min(map(len, heads)))
     ids, labels, positions, branch = list(heads[0][:P]), [-100] * P, list(range(P)), [0] * P
+    parent, blind = [0] * P, [0] * P
     for k, ex in enumerate(rng.sample(examples, len(examples)), 1):
         turn = ex["head"][P:] + ex["tail"]
         ids += turn
         labels += [-100] * (len(ex["head"]) - P) + ex["tail"]
         positions += range(P, P + len(turn))
         branch += [k] * len(turn)
-    return {"ids": ids, "labels": labels, "positions": positions, "branch": branch, "pixels": examples[0]["pixels"],
-            **{k: examples[0][k] for k in ("motion", "shape") if k in examples[0]}}
+    out = {"pixels": examples[0]["pixels"], **{k: examples[0][k] for k in ("motion", "shape") if k in examples[0]}}
+    gist = examples[0].get("gist")
+    if gist:  # the internalization instruction (sees the video), then its caption, which sees the instruction only
+        k, instr, answer = len(examples) + 1, gist["instruction"][P:], gist["prompt"] + gist["answer"]
+        ids += instr + answer
+        labels += [-100] * (len(instr) + len(gist["prompt"])) + gist["answer"]
+        positions += range(P, P + len(instr) + len(answer))
+        branch += [k] * len(instr) + [k + 1] * len(answer)
+        parent += [0] * (len(ids) - len(parent) - len(answer)) + [k] * len(answer)
+        blind += [0] * (len(ids) - len(blind) - len(answer)) + [gist["sight"]] * len(answer)
+        out |= {"parent": parent, "blind": blind}
+    return {"ids": ids, "labels": labels, "positions": positions, "branch": branch, **out}
+
+
+def gist_branch(proc: data.Processor, examples: list[dict]) -> dict | None:
+    """--gist: the tokens of one clip's extra branch (branches), the internalization instruction exactly as
+    internalize.py renders it (method.md §2) followed by "Assistant:" and the clip's caption. The caption tokens see
+    the instruction's tokens and, of the shared prefix, only what a text-only prompt also starts with ("sight"), not
+    the video: so the base learns to write the whole clip, each object's colour bound to its shape and direction,
+    into the instruction's positions, the hidden states the hypernetwork reads (as a gist token compresses a prompt,
+    Mu et al. 2023). None for a clip without a caption question."""
+    caption = next((ex for ex in examples if ex["row"]["kind"] == "caption"), None)
+    if caption is None:
+        return None
+    instruction = examples[0]["context"]
+    text_only = proc.question_inputs(caption["row"]["prompt"])[0][0].tolist()
+    sight = next(i for i, (a, b) in enumerate(zip(instruction, text_only)) if a != b)
+    return {"instruction": instruction, "prompt": proc.encode("Assistant:"), "answer": caption["tail"], "sight": sight}
 
 
 def branch_mask(batch: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -332,9 +360,14 @@ def branch_mask(batch: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
     branches (a packed chat, in a --chat mixed batch) is all prefix: plain causal."""
     seg, _ = data.pad_batch([ex.get("branch", [0] * len(ex["ids"])) for ex in batch], -1, side="right")
     positions, _ = data.pad_batch([ex.get("positions", range(len(ex["ids"]))) for ex in batch], 0, side="right")
+    parent, _ = data.pad_batch([ex.get("parent", [0] * len(ex["ids"])) for ex in batch], 0, side="right")
+    blind, _ = data.pad_batch([ex.get("blind", [0] * len(ex["ids"])) for ex in batch], 0, side="right")
     T = seg.shape[1]
     causal = torch.ones(T, T, dtype=torch.bool).tril()
-    return causal & ((seg[:, None, :] == 0) | (seg[:, None, :] == seg[:, :, None])), positions
+    # A --gist caption token (blind > 0) sees its parent branch and only the first `blind` tokens of the prefix.
+    prefix = (seg[:, None, :] == 0) & ((blind[:, :, None] == 0) | (torch.arange(T) < blind[:, :, None]))
+    own = (seg[:, None, :] == seg[:, :, None]) | ((parent[:, :, None] > 0) & (seg[:, None, :] == parent[:, :, None]))
+    return causal & (prefix | own), positions
 
 
 def batch_loss(net: M.SmolVLM, batch: list[dict], pad_id: int, heads: dict[str, torch.nn.Linear] | None = None,
@@ -412,6 +445,9 @@ def train(args) -> None:
             for ex in qs:
                 ex[name] = t
     heads = {name: torch.nn.Linear(config.text.hidden_size, n) for name, (_, n, _) in dense.items()}
+    if args.gist:
+        for qs in train_set:
+            qs[0]["gist"] = gist_branch(proc, qs)
     rng = random.Random(args.seed)
     print(f"{len(train_set)} training clips ({len(train_rows)} questions), {len(val_set)} validation questions; "
           f"{sum(p.numel() for p in net.parameters()) / 1e6:.2f}M parameters", file=sys.stderr)
@@ -478,6 +514,9 @@ def main(argv=None):
                         "default); branches after the video, each seeing the video and itself only (branched); "
                         "a chat in which no answer can be copied from an earlier turn (clean); each clip one of "
                         "branched or packed, with equal chance (mixed)")
+    p.add_argument("--gist", action="store_true",
+                   help="with --chat branched: one more branch per clip, the internalization instruction followed by "
+                        "the caption, whose tokens see the instruction but not the video (gist_branch)")
     p.add_argument("--caption-p", type=float, default=0.3, help="with --chat clean: share of chats that are the "
                                                                  "caption alone")
     p.add_argument("--motion-weight", type=float, default=1.0,
@@ -497,6 +536,8 @@ def main(argv=None):
     if (args.motion_weight or args.shape_weight) and not 0 < args.motion_layer < layers:
         raise SystemExit(f"error: --motion-layer must be 1 to {layers - 1} (the toy decoder has {layers} layers), "
                          f"got {args.motion_layer}")
+    if args.gist and args.chat != "branched":
+        raise SystemExit("error: --gist needs --chat branched")
     for f in (args.train, args.val):
         if not Path(f).is_file():
             raise SystemExit(f"error: {f} not found; write clips first with `python toyworld.py clips ...`")

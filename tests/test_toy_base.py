@@ -255,3 +255,38 @@ def test_motion_objective_is_on_by_default_and_a_bad_motion_layer_is_a_one_line_
         assert not (tmp_path / "x").exists()
     finally:
         torch.set_num_threads(threads)
+
+
+def test_gist_branch_is_the_internalization_prompt_and_its_caption_sees_no_video(clips, tmp_path):
+    """--gist adds one branch per clip: the instruction exactly as internalize.py renders it after the video (the
+    positions the hypernetwork reads), then "Assistant:" and the caption, whose tokens see the instruction and the
+    text a text-only prompt also starts with, never the video; the question branches compute what they did without
+    it."""
+    net, _, _ = random_base(tmp_path / "m")
+    proc = data.Processor(tmp_path / "m")
+    qs = [ex for ex in toy_base.load_examples(clips[0], proc, limit=1)]
+    plain = toy_base.conversation(proc, qs, random.Random(0), "branched")
+    qs[0]["gist"] = toy_base.gist_branch(proc, qs)
+    gist = toy_base.conversation(proc, qs, random.Random(0), "branched")
+    context = proc.internalization_inputs(qs[0]["row"]["video_path"])[0][0].tolist()
+    seg, n = torch.tensor(gist["branch"]), len(plain["ids"])
+    instr, caption = (seg == len(qs) + 1).nonzero().flatten(), (seg == len(qs) + 2).nonzero().flatten()
+    P = int((seg == 0).sum())
+    assert gist["ids"][:n] == plain["ids"] and gist["labels"][:n] == plain["labels"]
+    assert gist["ids"][:P] + [gist["ids"][i] for i in instr] == context          # what the hypernetwork reads
+    assert [gist["positions"][i] for i in instr] == list(range(P, len(context)))
+    caption_row = next(ex for ex in qs if ex["row"]["kind"] == "caption")
+    assert [gist["labels"][i] for i in caption if gist["labels"][i] != -100] == caption_row["tail"]
+    mask, _ = toy_base.branch_mask([gist])
+    sight = qs[0]["gist"]["sight"]
+    assert proc.decode(context[:sight]).strip() == "User:" and context[:sight] == proc.question_inputs("x")[0][0][:sight].tolist()
+    for j, i in enumerate(caption.tolist()):
+        assert mask[0, i].nonzero().flatten().tolist() == list(range(sight)) + instr.tolist() + caption[:j + 1].tolist()
+    assert (mask[0, instr[-1]].nonzero().flatten() == torch.arange(instr[-1] + 1)[(seg[:instr[-1] + 1] == 0) |
+                                                                                   (seg[:instr[-1] + 1] == seg[instr[-1]])]).all()
+    pixels = torch.cat([qs[0]["pixels"]])
+    with torch.no_grad():
+        a = net(torch.tensor([plain["ids"]]), pixels, toy_base.branch_mask([plain])[0],
+                position_ids=torch.tensor([plain["positions"]])).logits
+        b = net(torch.tensor([gist["ids"]]), pixels, mask, position_ids=torch.tensor([gist["positions"]])).logits
+    assert torch.allclose(a[0], b[0, :n], atol=1e-5)
