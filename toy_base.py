@@ -28,6 +28,9 @@ Stage-2 options (README "A base that sees motion"):
                      0.62 on another, fixed there by --shape-weight 1: in context 0.971 with --minutes 0; README),
                      but the shipped hypernetwork recipe reads it worse (adapter 0.739). mixed: each clip one of
                      the two. clean: chats in which no answer can be copied (clean_turns), half the answers; worse.
+  --gist             with --chat branched: one more branch per clip, the internalization instruction and the caption,
+                     the caption blind to the video (gist_branch), so the base writes the clip into the positions
+                     the hypernetwork reads (README); experimental, off by default.
 """
 from __future__ import annotations
 
