@@ -373,11 +373,23 @@ def branch_mask(batch: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
     return causal & (prefix | own), positions
 
 
+def answer_weights(labels: torch.Tensor) -> torch.Tensor:
+    """(B, T) weights for the per-token answer loss that give every answer (a run of labelled tokens) the same total
+    weight, 1 / the number of answers, however many tokens it has: a one-word answer counts as much as a caption."""
+    valid = labels != -100
+    start = valid & ~F.pad(valid, (1, 0))[:, :-1]  # the first token of each answer
+    span = torch.cumsum(start.flatten(), 0).view_as(labels) * valid  # 1..n on answer tokens, 0 elsewhere
+    n = int(start.sum())
+    size = torch.bincount(span.flatten(), minlength=n + 1).clamp(min=1)
+    return valid * (1.0 / size[span]) / max(n, 1)
+
+
 def batch_loss(net: M.SmolVLM, batch: list[dict], pad_id: int, heads: dict[str, torch.nn.Linear] | None = None,
-               layer: int = 2) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Teacher-forced cross-entropy on the answer tokens, averaged over all of them; and, for each dense head
-    ("motion": motion_targets, "shape": shape_targets), the cross-entropy of the class it reads off each object
-    token's residual stream after `layer` decoder layers, averaged over that head's labelled tokens."""
+               layer: int = 2, per: str = "token") -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Teacher-forced cross-entropy on the answer tokens, averaged over all of them (per="token") or over the answers,
+    each answer's tokens averaged first (per="answer": answer_weights); and, for each dense head ("motion":
+    motion_targets, "shape": shape_targets), the cross-entropy of the class it reads off each object token's residual
+    stream after `layer` decoder layers, averaged over that head's labelled tokens."""
     ids, mask = data.pad_batch([ex["ids"] for ex in batch], pad_id, side="right")
     labels, _ = data.pad_batch([ex["labels"] for ex in batch], -100, side="right")
     positions = None
@@ -385,7 +397,11 @@ def batch_loss(net: M.SmolVLM, batch: list[dict], pad_id: int, heads: dict[str, 
         mask, positions = branch_mask(batch)
     out = net(ids, torch.cat([ex["pixels"] for ex in batch]), mask, output_hidden_states=bool(heads),
               position_ids=positions)
-    answer_loss = F.cross_entropy(out.logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten())
+    if per == "answer":
+        ce = F.cross_entropy(out.logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), reduction="none")
+        answer_loss = (ce * answer_weights(labels[:, 1:]).flatten()).sum()
+    else:
+        answer_loss = F.cross_entropy(out.logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten())
     if not heads:
         return answer_loss, {}
     tokens = out.hidden_states[layer][ids == net.config.image_token_id]  # (frames * tokens, D), prompt order
@@ -473,7 +489,7 @@ def train(args) -> None:
         net.train()
         batch = [conversation(proc, qs, rng, args.chat, args.caption_p)
                  for qs in rng.sample(train_set, args.batch)]
-        loss, dense_losses = batch_loss(net, batch, proc.pad_id, heads, args.motion_layer)
+        loss, dense_losses = batch_loss(net, batch, proc.pad_id, heads, args.motion_layer, args.loss_per)
         opt.zero_grad(set_to_none=True)
         (loss + sum(dense[name][2] * v for name, v in dense_losses.items())).backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -522,6 +538,9 @@ def main(argv=None):
                         "the caption, whose tokens see the instruction but not the video (gist_branch)")
     p.add_argument("--caption-p", type=float, default=0.3, help="with --chat clean: share of chats that are the "
                                                                  "caption alone")
+    p.add_argument("--loss-per", choices=["token", "answer"], default="token",
+                   help="stage 2: the answer loss averaged over answer tokens (default), or over answers, each "
+                        "answer's tokens averaged first, so a one-word answer weighs as much as a caption (answer)")
     p.add_argument("--motion-weight", type=float, default=1.0,
                    help="stage 2: weight of the dense motion loss (each object token's direction, read off the "
                         "decoder's residual stream by a linear head thrown away after; default 1, 0: off)")

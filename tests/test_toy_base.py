@@ -210,6 +210,27 @@ def test_branched_questions_train_exactly_what_each_question_alone_would(clips, 
     assert packed.item() != pytest.approx(want.item(), rel=1e-3)  # the multi-turn chat lets turns see each other
 
 
+def test_loss_per_answer_weighs_every_answer_alike(clips, tmp_path):
+    """--loss-per answer: the branched loss is the plain mean, over the questions asked one at a time, of each
+    answer's own mean token loss, so a one-word answer weighs what the caption does; per token it is not."""
+    net, _, _ = random_base(tmp_path / "m")
+    proc = data.Processor(tmp_path / "m")
+    examples = toy_base.load_examples(clips[0], proc, limit=2)
+    by_clip = [[ex for ex in examples if ex["row"]["clip_id"] == c] for c in ("train_00000", "train_00001")]
+    branched = [toy_base.conversation(proc, qs, random.Random(0), "branched") for qs in by_clip]
+    alone = [{"ids": ex["head"] + ex["tail"], "labels": [-100] * len(ex["head"]) + ex["tail"], "pixels": ex["pixels"]}
+             for qs in by_clip for ex in qs]
+    assert len({len(ex["tail"]) for qs in by_clip for ex in qs}) > 1  # answers of different lengths
+    with torch.no_grad():
+        got, _ = toy_base.batch_loss(net, branched, proc.pad_id, per="answer")
+        each = [toy_base.batch_loss(net, [a], proc.pad_id)[0].item() for a in alone]
+        per_token, _ = toy_base.batch_loss(net, branched, proc.pad_id)
+    assert got.item() == pytest.approx(sum(each) / len(each), rel=1e-5)
+    assert per_token.item() != pytest.approx(got.item(), rel=1e-3)
+    labels = torch.tensor([[-100, 5, 6, -100, 7], [8, -100, -100, 9, 9]])
+    assert toy_base.answer_weights(labels).tolist() == [[0, 1 / 8, 1 / 8, 0, 1 / 4], [1 / 4, 0, 0, 1 / 8, 1 / 8]]
+
+
 def _train(clips, out, steps):
     threads = torch.get_num_threads()  # --threads sets the process-wide count: give the rest of the suite its own back
     try:
