@@ -13,24 +13,24 @@ Two stages, both inside the --minutes budget, as SmolVLM2 itself was built on a 
   1. the vision tower alone learns each patch's object colour and shape and the patch's place in the frame
      (pretrain_vision; the heads are thrown away);
   2. the connector and the decoder learn every question kind and the caption from in-context clips, each clip's
-     questions packed into one multi-turn chat; the tower stays frozen.
+     questions a branch after its one video prefix, plus a gist branch; the tower stays frozen.
 
 Stage-2 options (README "A base that sees motion"):
   --motion-weight W  a dense motion objective, on by default (W = 1; the shipped base): a linear head reads each
                      object token's direction off the decoder's residual stream after --motion-layer layers (thrown
                      away after). Direction in context 0.38 without it (--motion-weight 0), 0.87 with it.
-  --shape-weight W   a dense shape objective: a second linear head reads each object token's shape off the same
-                     layer (shape_targets). For questions that name an object by its shape (colour, direction).
-  --chat MODE        how a clip's questions share one pass over its video. packed (default, the shipped base): one
-                     multi-turn chat, where a later answer can be copied from an earlier turn. branched: every
-                     question a branch after the shared video prefix (branches), seeing the video and itself only,
-                     as at inference: in context colour 0.87 -> 0.99, direction 0.87 -> 0.96 on one machine (shape
-                     0.62 on another, fixed there by --shape-weight 1: in context 0.971 with --minutes 0; README),
-                     but the shipped hypernetwork recipe reads it worse (adapter 0.739). mixed: each clip one of
-                     the two. clean: chats in which no answer can be copied (clean_turns), half the answers; worse.
-  --gist             with --chat branched: one more branch per clip, the internalization instruction and the caption,
-                     the caption blind to the video (gist_branch), so the base writes the clip into the positions
-                     the hypernetwork reads (README); experimental, off by default.
+  --shape-weight W   a dense shape objective, on by default (W = 1): a second linear head reads each object token's
+                     shape off the same layer (shape_targets). For questions that name an object by its shape.
+  --chat MODE        how a clip's questions share one pass over its video. branched (default, the shipped base):
+                     every question a branch after the shared video prefix (branches), seeing the video and itself
+                     only, as at inference. packed (the base shipped before): one multi-turn chat, where a later
+                     answer can be copied from an earlier turn: colour 0.87, direction 0.87 in context. mixed: each
+                     clip one of the two. clean: chats in which no answer can be copied (clean_turns); worse.
+  --gist             on by default with --chat branched (--no-gist: off): one more branch per clip, the
+                     internalization instruction and the caption, the caption blind to the video (gist_branch), so
+                     the base writes the clip into the positions the hypernetwork reads (README).
+  --loss-per answer  the default: every answer weighs alike in the answer loss (answer_weights), a one-word colour
+                     answer as much as a caption; per token, a circle beside a square got its colour at chance.
 """
 from __future__ import annotations
 
@@ -528,25 +528,27 @@ def main(argv=None):
     p.add_argument("--minutes", type=float, default=19.5,
                    help="stop stage 2 early at this wall-clock budget, counted from the start with the clip loading "
                         "included (the final held-out score comes after it); 0: none")
-    p.add_argument("--chat", choices=["packed", "branched", "mixed", "clean"], default="packed",
-                   help="stage 2, how a clip's questions share one pass over the video: one multi-turn chat (packed, "
-                        "default); branches after the video, each seeing the video and itself only (branched); "
+    p.add_argument("--chat", choices=["packed", "branched", "mixed", "clean"], default="branched",
+                   help="stage 2, how a clip's questions share one pass over the video: one multi-turn chat "
+                        "(packed); branches after the video, each seeing the video and itself only (branched, "
+                        "default); "
                         "a chat in which no answer can be copied from an earlier turn (clean); each clip one of "
                         "branched or packed, with equal chance (mixed)")
-    p.add_argument("--gist", action="store_true",
-                   help="with --chat branched: one more branch per clip, the internalization instruction followed by "
-                        "the caption, whose tokens see the instruction but not the video (gist_branch)")
+    p.add_argument("--gist", action=argparse.BooleanOptionalAction, default=None,
+                   help="with --chat branched (and by default there): one more branch per clip, the internalization "
+                        "instruction followed by the caption, whose tokens see the instruction but not the video "
+                        "(gist_branch)")
     p.add_argument("--caption-p", type=float, default=0.3, help="with --chat clean: share of chats that are the "
                                                                  "caption alone")
-    p.add_argument("--loss-per", choices=["token", "answer"], default="token",
-                   help="stage 2: the answer loss averaged over answer tokens (default), or over answers, each "
-                        "answer's tokens averaged first, so a one-word answer weighs as much as a caption (answer)")
+    p.add_argument("--loss-per", choices=["token", "answer"], default="answer",
+                   help="stage 2: the answer loss averaged over answers, each answer's tokens averaged first, so a "
+                        "one-word answer weighs as much as a caption (answer, default), or over answer tokens")
     p.add_argument("--motion-weight", type=float, default=1.0,
                    help="stage 2: weight of the dense motion loss (each object token's direction, read off the "
                         "decoder's residual stream by a linear head thrown away after; default 1, 0: off)")
-    p.add_argument("--shape-weight", type=float, default=0.0,
+    p.add_argument("--shape-weight", type=float, default=1.0,
                    help="stage 2: weight of the dense shape loss (each object token's shape, read off the residual "
-                        "stream at --motion-layer like the motion loss; default 0: off)")
+                        "stream at --motion-layer like the motion loss; default 1, 0: off)")
     p.add_argument("--motion-layer", type=int, default=2, help="decoder layers before the dense heads read")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--scale-factor", type=int, default=2, help="pixel shuffle: 64 / s^2 tokens per frame")
@@ -560,6 +562,8 @@ def main(argv=None):
                          f"got {args.motion_layer}")
     if args.gist and args.chat != "branched":
         raise SystemExit("error: --gist needs --chat branched")
+    if args.gist is None:
+        args.gist = args.chat == "branched"
     for f in (args.train, args.val):
         if not Path(f).is_file():
             raise SystemExit(f"error: {f} not found; write clips first with `python toyworld.py clips ...`")

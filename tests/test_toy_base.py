@@ -267,12 +267,17 @@ def test_motion_objective_is_on_by_default_and_a_bad_motion_layer_is_a_one_line_
                        "--minutes", "0", "--threads", "1", "--motion-layer", "1"])
         assert M.load_model(tmp_path / "m").config.text.num_hidden_layers == 4
         args = json.loads((tmp_path / "m" / "training.json").read_text())["args"]
-        assert args["motion_weight"] == 1.0 and args["chat"] == "packed"
+        assert args["motion_weight"] == 1.0 and args["shape_weight"] == 1.0 and args["loss_per"] == "answer"
+        assert args["chat"] == "branched" and args["gist"] is True  # the shipped base's recipe
         for bad in ("0", "4"):
             with pytest.raises(SystemExit) as e:
                 toy_base.main(["--train", str(clips[0]), "--val", str(clips[1]), "--out", str(tmp_path / "x"),
                                "--motion-weight", "1", "--motion-layer", bad])
             assert "--motion-layer" in str(e.value) and "\n" not in str(e.value)
+        with pytest.raises(SystemExit) as e:  # the gist is a branch: a packed chat has none
+            toy_base.main(["--train", str(clips[0]), "--val", str(clips[1]), "--out", str(tmp_path / "x"),
+                           "--chat", "packed", "--gist"])
+        assert "--gist needs --chat branched" in str(e.value) and "\n" not in str(e.value)
         assert not (tmp_path / "x").exists()
     finally:
         torch.set_num_threads(threads)
