@@ -129,7 +129,38 @@ def fidelity(vlm, net, proc, clips, delta: float, ablation=None) -> tuple[str, d
                  f"equivalent: {'yes' if verdict['equivalent'] else 'NO'}")
     result = {n: {k: float(hits[n][kinds == k].mean()) for k in (*QA_KINDS, "caption")} | {
         "overall": float(hits[n][qa].mean())} for n in names}
-    return "\n".join(lines), {"accuracy": result, "verdict": verdict, "questions": int(len(qs))}
+    ranges, by = by_range([clips[i]["spec"] for (_, _, _, i), keep in zip(qs, qa) if keep],
+                          {n: hits[n][qa] for n in ("in context", "adapter")})
+    lines.append(f"\nQA kinds by where the clip lies in the spec's ranges:\n\n{ranges}")
+    return "\n".join(lines), {"accuracy": result, "verdict": verdict, "questions": int(len(qs)), "by_range": by}
+
+
+# The spec's ranges (toyworld.md), each cut in bins [lo, hi), the last one [lo, hi], (n, n) for exactly n: answers
+# must hold anywhere in them, not only at the generator's defaults.
+RANGES = {"shorter side (px)": (lambda s: min(s.width, s.height), [(32, 96), (96, 160), (160, 256)]),
+          "aspect (long:short)": (lambda s: max(s.width, s.height) / min(s.width, s.height),
+                                  [(1, 1.25), (1.25, 1.6), (1.6, 2)]),
+          "fps": (lambda s: s.fps, [(4, 10), (10, 20), (20, 30)]),
+          "duration (s)": (lambda s: s.duration, [(2, 4), (4, 6), (6, 8)]),
+          "objects": (lambda s: len(s.objects), [(1, 1), (2, 2)])}
+
+
+def by_range(specs: list[toyworld.ClipSpec], hits: dict[str, np.ndarray]) -> tuple[str, dict]:
+    """Accuracy per bin of each spec range; specs and each condition's hits: one per question."""
+    names = list(hits)
+    lines = [f"| clips by | bin | questions | {' | '.join(names)} |", "|---" * (len(names) + 3) + "|"]
+    result: dict[str, dict] = {}
+    for label, (value, bins) in RANGES.items():
+        v = np.array([value(s) for s in specs])
+        for j, (lo, hi) in enumerate(bins):
+            sel = (v >= lo) & ((v < hi) | ((j == len(bins) - 1 or lo == hi) & (v <= hi)))
+            if not sel.any():
+                continue
+            shown = f"{lo:g}" if lo == hi else f"{lo:g}–{hi:g}"
+            cells = {n: float(hits[n][sel].mean()) for n in names}
+            result.setdefault(label, {})[shown] = {"questions": int(sel.sum())} | cells
+            lines.append(f"| {label} | {shown} | {sel.sum()} | " + " | ".join(f"{c:.3f}" for c in cells.values()) + " |")
+    return "\n".join(lines), result
 
 
 def subject(spec: toyworld.ClipSpec, prompt: str) -> int:

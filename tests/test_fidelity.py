@@ -42,6 +42,7 @@ def test_fidelity_runs_the_protocol_end_to_end(tmp_path, capsys):
     assert "| **overall (QA kinds)** |" in report and "| two-part clips |" in report
     assert "6 held-out clips" in report and "2 two-part clips" in report
     assert "| direction | 4 |" in report  # one direction question per object: 2 clips x 2 objects
+    assert "| clips by | bin | questions | in context | adapter |" in report and set(result["by_range"]) == set(F.RANGES)
 
 
 def test_subject_is_the_object_a_question_names():
@@ -50,3 +51,19 @@ def test_subject_is_the_object_a_question_names():
         if kind in ("color", "shape", "direction"):
             o = spec.objects[F.subject(spec, prompt)]
             assert answer == {"color": o.color, "shape": o.shape, "direction": o.direction}[kind]
+
+
+def test_by_range_bins_partition_every_spec_range_and_score_each_bin():
+    import toyworld
+    specs = [toyworld.sample_clip(seed) for seed in range(300)]
+    rng = np.random.default_rng(0)
+    hits = {"in context": rng.random(300) < 0.9, "adapter": rng.random(300) < 0.5}
+    table, result = F.by_range(specs, hits)
+    assert set(result) == set(F.RANGES)
+    for label, (value, _) in F.RANGES.items():
+        assert sum(b["questions"] for b in result[label].values()) == 300  # every clip in exactly one bin
+    side = np.array([min(s.width, s.height) for s in specs])
+    low = (side >= 32) & (side < 96)
+    assert result["shorter side (px)"]["32–96"]["adapter"] == hits["adapter"][low].mean()
+    assert set(result["objects"]) == {"1", "2"} and set(result["fps"]) == {"4–10", "10–20", "20–30"}
+    assert "| duration (s) | 6–8 |" in table
