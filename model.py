@@ -355,7 +355,7 @@ class SmolVLMModel(nn.Module):
 
 
 class ModelOutput(NamedTuple):
-    logits: torch.Tensor | None  # (B, T, V), (B, 1, V) for logits="last", None for logits="none"
+    logits: torch.Tensor | None  # (B, T, V); (B, 1, V) for logits="last"; (N, V) for a mask; None for "none"
     hidden_states: list[torch.Tensor] | None  # L x (B, T, D): the residual stream entering each layer
 
 
@@ -417,10 +417,12 @@ class SmolVLM(nn.Module):
         return x
 
     def forward(self, input_ids, pixel_values=None, attention_mask=None, lora=None, lora_alpha: float = 128.0,
-                cache: KVCache | None = None, output_hidden_states: bool = False, logits: str = "all",
+                cache: KVCache | None = None, output_hidden_states: bool = False, logits: str | torch.Tensor = "all",
                 position_ids=None):
         """lora: {target: (A (B, L, r, d_in), B (B, L, r, d_out))}; a leading 1 broadcasts over the batch.
-        attention_mask: (B, T), 1 = real token; or (B, T, T), True = query may see key, with position_ids (B, T)."""
+        attention_mask: (B, T), 1 = real token; or (B, T, T), True = query may see key, with position_ids (B, T).
+        logits: "all", "last", "none", or a (B, T) bool mask: the logits of those positions only, (N, V) in row-major
+        order (training on a few answer tokens among many video tokens skips the rest of the head and its softmax)."""
         c = self.config.text
         B, T = input_ids.shape
         x = self.embed(input_ids, pixel_values)
@@ -434,9 +436,13 @@ class SmolVLM(nn.Module):
             x = layer(x, cos, sin, mask, cache, layer_lora, lora_alpha)
         if cache is not None:
             cache.length += T
-        if logits == "none":
+        if isinstance(logits, torch.Tensor):
+            x = x[logits]
+        elif logits == "none":
             return ModelOutput(None, hidden)
-        x = self.model.text_model.norm(x[:, -1:] if logits == "last" else x)
+        elif logits == "last":
+            x = x[:, -1:]
+        x = self.model.text_model.norm(x)
         head = self.lm_head.weight if self.lm_head is not None else self.model.text_model.embed_tokens.weight
         return ModelOutput(F.linear(x, head), hidden)
 

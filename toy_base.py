@@ -373,40 +373,53 @@ def branch_mask(batch: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
     return causal & (prefix | own), positions
 
 
-def answer_weights(labels: torch.Tensor) -> torch.Tensor:
+def answer_weights(labels: torch.Tensor, n: int | None = None) -> torch.Tensor:
     """(B, T) weights for the per-token answer loss that give every answer (a run of labelled tokens) the same total
-    weight, 1 / the number of answers, however many tokens it has: a one-word answer counts as much as a caption."""
+    weight, 1 / the number of answers, however many tokens it has: a one-word answer counts as much as a caption.
+    n: the number of answers to share the weight among, when `labels` is one part of a larger batch."""
     valid = labels != -100
     start = valid & ~F.pad(valid, (1, 0))[:, :-1]  # the first token of each answer
     span = torch.cumsum(start.flatten(), 0).view_as(labels) * valid  # 1..n on answer tokens, 0 elsewhere
-    n = int(start.sum())
-    size = torch.bincount(span.flatten(), minlength=n + 1).clamp(min=1)
-    return valid * (1.0 / size[span]) / max(n, 1)
+    size = torch.bincount(span.flatten(), minlength=int(start.sum()) + 1).clamp(min=1)
+    return valid * (1.0 / size[span]) / max(int(start.sum()) if n is None else n, 1)
 
 
 def batch_loss(net: M.SmolVLM, batch: list[dict], pad_id: int, heads: dict[str, torch.nn.Linear] | None = None,
-               layer: int = 2, per: str = "token") -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+               layer: int = 2, per: str = "token", chunks: int = 1) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Teacher-forced cross-entropy on the answer tokens, averaged over all of them (per="token") or over the answers,
     each answer's tokens averaged first (per="answer": answer_weights); and, for each dense head ("motion":
     motion_targets, "shape": shape_targets), the cross-entropy of the class it reads off each object token's residual
-    stream after `layer` decoder layers, averaged over that head's labelled tokens."""
-    ids, mask = data.pad_batch([ex["ids"] for ex in batch], pad_id, side="right")
-    labels, _ = data.pad_batch([ex["labels"] for ex in batch], -100, side="right")
-    positions = None
-    if any("branch" in ex for ex in batch):
-        mask, positions = branch_mask(batch)
-    out = net(ids, torch.cat([ex["pixels"] for ex in batch]), mask, output_hidden_states=bool(heads),
-              position_ids=positions)
-    if per == "answer":
-        ce = F.cross_entropy(out.logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), reduction="none")
-        answer_loss = (ce * answer_weights(labels[:, 1:]).flatten()).sum()
-    else:
-        answer_loss = F.cross_entropy(out.logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten())
-    if not heads:
-        return answer_loss, {}
-    tokens = out.hidden_states[layer][ids == net.config.image_token_id]  # (frames * tokens, D), prompt order
-    return answer_loss, {name: F.cross_entropy(head(tokens), torch.cat([ex[name].flatten() for ex in batch]))
-                         for name, head in heads.items()}
+    stream after `layer` decoder layers, averaged over that head's labelled tokens.
+
+    chunks > 1 runs the batch as that many forward passes over examples of similar length (sorted), each padded only
+    to its own longest: the same losses (every average still over the whole batch), less compute spent on padding."""
+    labels = [torch.tensor(ex["labels"][1:]) for ex in batch]
+    n_answers = sum(int((t != -100).sum() - ((t[1:] != -100) & (t[:-1] != -100)).sum()) for t in labels)
+    n_tokens = sum(int((t != -100).sum()) for t in labels)
+    n_dense = {name: sum(int((ex[name] != -100).sum()) for ex in batch) for name in heads or {}}
+    order = sorted(range(len(batch)), key=lambda i: len(batch[i]["ids"]))
+    answer_loss, dense = 0.0, {name: 0.0 for name in heads or {}}
+    for k in range(chunks):
+        sub = [batch[i] for i in order[len(order) * k // chunks:len(order) * (k + 1) // chunks]]
+        if not sub:
+            continue
+        ids, mask = data.pad_batch([ex["ids"] for ex in sub], pad_id, side="right")
+        targets, _ = data.pad_batch([ex["labels"][1:] + [-100] for ex in sub], -100, side="right")
+        positions = None
+        if any("branch" in ex for ex in sub):
+            mask, positions = branch_mask(sub)
+        scored = targets != -100  # the positions whose next token is an answer token
+        out = net(ids, torch.cat([ex["pixels"] for ex in sub]), mask, output_hidden_states=bool(heads),
+                  position_ids=positions, logits=scored)
+        ce = F.cross_entropy(out.logits, targets[scored], reduction="none")
+        weight = answer_weights(targets, n_answers)[scored] if per == "answer" else 1.0 / max(n_tokens, 1)
+        answer_loss = answer_loss + (ce * weight).sum()
+        if heads:
+            tokens = out.hidden_states[layer][ids == net.config.image_token_id]  # (frames * tokens, D), prompt order
+            for name, head in heads.items():
+                dense[name] = dense[name] + F.cross_entropy(
+                    head(tokens), torch.cat([ex[name].flatten() for ex in sub]), reduction="sum") / n_dense[name]
+    return answer_loss, dense
 
 
 @torch.no_grad()
@@ -489,7 +502,8 @@ def train(args) -> None:
         net.train()
         batch = [conversation(proc, qs, rng, args.chat, args.caption_p)
                  for qs in rng.sample(train_set, args.batch)]
-        loss, dense_losses = batch_loss(net, batch, proc.pad_id, heads, args.motion_layer, args.loss_per)
+        loss, dense_losses = batch_loss(net, batch, proc.pad_id, heads, args.motion_layer, args.loss_per,
+                                        args.chunks)
         opt.zero_grad(set_to_none=True)
         (loss + sum(dense[name][2] * v for name, v in dense_losses.items())).backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -524,6 +538,8 @@ def main(argv=None):
     p.add_argument("--vision-lr", type=float, default=1e-3)
     p.add_argument("--steps", type=int, default=2400)
     p.add_argument("--batch", type=int, default=16, help="clips per step, each with all of its questions")
+    p.add_argument("--chunks", type=int, default=4, help="forward passes per step, each over clips of similar "
+                   "length padded only to its own longest (batch_loss): the same loss, ~25 %% less time on padding")
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--minutes", type=float, default=19.5,
                    help="stop stage 2 early at this wall-clock budget, counted from the start with the clip loading "

@@ -42,6 +42,18 @@ def test_logits_and_hidden_states_equal_transformers(pair):
         torch.testing.assert_close(out.hidden_states[l], ref.hidden_states[l], atol=1e-5, rtol=0)
 
 
+def test_logits_of_selected_positions_equal_the_full_logits_there(pair):
+    # logits=<(B, T) bool mask>: the training path that scores only answer tokens; "last" is the generation path.
+    hf, ours, _ = pair
+    ids = torch.tensor([video_ids(2), video_ids(2, text_before=(11, 12, 13))])
+    pix = _pixels(4, hf.config.vision_config.image_size)
+    full = ours(ids, pix).logits
+    pick = torch.rand(ids.shape, generator=torch.Generator().manual_seed(1)) < 0.3
+    torch.testing.assert_close(ours(ids, pix, logits=pick).logits, full[pick], atol=1e-6, rtol=0)
+    torch.testing.assert_close(ours(ids, pix, logits="last").logits, full[:, -1:], atol=1e-6, rtol=0)
+    assert ours(ids, pix, logits="none").logits is None
+
+
 def test_padded_batch_equals_each_sample_alone(pair):
     hf, ours, _ = pair
     size = hf.config.vision_config.image_size

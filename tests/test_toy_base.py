@@ -228,7 +228,41 @@ def test_loss_per_answer_weighs_every_answer_alike(clips, tmp_path):
     assert got.item() == pytest.approx(sum(each) / len(each), rel=1e-5)
     assert per_token.item() != pytest.approx(got.item(), rel=1e-3)
     labels = torch.tensor([[-100, 5, 6, -100, 7], [8, -100, -100, 9, 9]])
+    assert toy_base.answer_weights(labels, n=8).tolist()[0] == [0, 1 / 16, 1 / 16, 0, 1 / 8]  # one part of 8 answers
     assert toy_base.answer_weights(labels).tolist() == [[0, 1 / 8, 1 / 8, 0, 1 / 4], [1 / 4, 0, 0, 1 / 8, 1 / 8]]
+
+
+def test_a_batch_in_length_sorted_chunks_has_the_same_losses(clips, tmp_path):
+    """--chunks: the step's batch runs as forward passes over clips of similar length, each padded to its own
+    longest; every loss (per answer, per token, each dense head) and its gradient equal the one-pass batch's."""
+    net, config, _ = random_base(tmp_path / "m")
+    proc = data.Processor(tmp_path / "m")
+    examples = toy_base.load_examples(clips[0], proc, limit=3)
+    by_clip = {}
+    for ex in examples:
+        by_clip.setdefault(ex["row"]["clip_id"], []).append(ex)
+    grid = config.vision.image_size // config.vision.patch_size // config.scale_factor
+    for qs in by_clip.values():
+        spec = T.ClipSpec.from_dict(qs[0]["row"]["spec"])
+        for ex in qs:
+            ex["motion"] = toy_base.motion_targets(spec, qs[0]["indices"], grid)
+            ex["shape"] = toy_base.shape_targets(spec, qs[0]["indices"], grid)
+    batch = [toy_base.conversation(proc, qs, random.Random(i), "branched") for i, qs in enumerate(by_clip.values())]
+    assert len({len(ex["ids"]) for ex in batch}) == 3  # different lengths: the chunks pad differently
+    heads = {"motion": torch.nn.Linear(config.text.hidden_size, len(T.DIRECTIONS)),
+             "shape": torch.nn.Linear(config.text.hidden_size, len(T.SHAPES))}
+    for per in ("answer", "token"):
+        results = []
+        for chunks in (1, 2, 3):
+            net.zero_grad()
+            answer, dense = toy_base.batch_loss(net, batch, proc.pad_id, heads, per=per, chunks=chunks)
+            (answer + sum(dense.values())).backward()
+            results.append((answer.item(), {k: v.item() for k, v in dense.items()},
+                            net.model.text_model.layers[0].mlp.down_proj.weight.grad.clone()))
+        for answer, dense, grad in results[1:]:
+            assert answer == pytest.approx(results[0][0], rel=1e-5)
+            assert dense == pytest.approx(results[0][1], rel=1e-5)
+            torch.testing.assert_close(grad, results[0][2], atol=1e-6, rtol=1e-4)
 
 
 def _train(clips, out, steps):
