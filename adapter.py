@@ -62,6 +62,13 @@ class Adapter:
         """The form `SmolVLM.forward(lora=...)` takes: a leading batch axis of 1, broadcast over the batch."""
         return {t: (a[None].to(device), b[None].to(device)) for t, (a, b) in self.ab.items()}
 
+    def describe(self) -> str:
+        m = self.meta
+        segs = ", ".join(f"{s['start']:.1f}-{s['end']:.1f}s" for s in m["segments"])
+        return (f"{m['video'] or 'several videos'} [{segs}] on {m['base_model']}; rank {m['generated_rank']}+"
+                f"{m['rank']} x {m['num_layers']} layers of {','.join(t for t, _, _ in m['targets'])}, "
+                f"alpha {m['alpha']:g}")
+
     def delta_weight(self, target: str, layer: int) -> torch.Tensor:
         """dW = alpha * B^T A, (d_out, d_in): what the adapter adds to that layer's weight."""
         a, b = self.ab[target]
@@ -97,7 +104,7 @@ def base_facts(vlm) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------ build
-def from_lora(lora: dict, rank: int, meta: dict) -> Adapter:
+def adapter_from_lora(lora: dict, rank: int, meta: dict) -> Adapter:
     """The hypernetwork's output for ONE sample {t: (A (1, L, 2r, d_in), B (1, L, 2r, d_out))} -> an Adapter.
     The hypernetwork already puts generated rows first and the static rows last, the file's layout."""
     ab = {t: (a[0].detach().float().cpu(), b[0].detach().float().cpu()) for t, (a, b) in lora.items()}
@@ -107,7 +114,7 @@ def from_lora(lora: dict, rank: int, meta: dict) -> Adapter:
     return Adapter(ab, {**meta, "rank": rank, "generated_rank": rank, "bias_weight": 1.0})
 
 
-def concat(adapters: list[Adapter], weights=None, bias_weight: float = 1.0, meta: dict | None = None) -> Adapter:
+def concat_adapters(adapters: list[Adapter], weights=None, bias_weight: float = 1.0, meta: dict | None = None) -> Adapter:
     """method.md §7: A = [w_1 A_1; ...; w_n A_n; b A_bias], B = [B_1; ...; B_n; B_bias], so
     dW = alpha (sum_c w_c B_c^T A_c + b B_bias^T A_bias): segment updates add and the static part counts once.
     The inputs must share base model and hypernetwork (hence the same static part)."""
@@ -161,7 +168,7 @@ def write_atomic(path, write) -> Path:
     return path
 
 
-def save(path, adapter: Adapter, dtype: torch.dtype | None = None) -> Path:
+def save_adapter(path, adapter: Adapter, dtype: torch.dtype | None = None) -> Path:
     tensors = _tensors(adapter, dtype)
     meta = {**adapter.meta, "format": FORMAT, "format_version": VERSION, "tensors_sha256": _sha256_tensors(tensors)}
     return write_atomic(path, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt",
@@ -187,7 +194,7 @@ def _read(path: Path) -> tuple[dict, dict]:
     return meta, tensors
 
 
-def load(path, vlm=None) -> Adapter:
+def load_adapter(path, vlm=None) -> Adapter:
     """Read and verify an adapter: format, version, tensor names and shapes, the tensor checksum; with `vlm`, also
     that it was made for this base model (config and weights fingerprints, layer count, target shapes)."""
     path = Path(path)
@@ -228,15 +235,8 @@ def check_base(adapter: Adapter, vlm, path="adapter") -> None:
         raise AdapterError(f"{path}: target shapes {meta['targets']} do not fit this base model")
 
 
-def describe(adapter: Adapter) -> str:
-    m = adapter.meta
-    segs = ", ".join(f"{s['start']:.1f}-{s['end']:.1f}s" for s in m["segments"])
-    return (f"{m['video'] or 'several videos'} [{segs}] on {m['base_model']}; rank {m['generated_rank']}+{m['rank']} "
-            f"x {m['num_layers']} layers of {','.join(t for t, _, _ in m['targets'])}, alpha {m['alpha']:g}")
-
-
 # ------------------------------------------------------------------------------------------------ PEFT export
-def to_peft(adapter: Adapter, out_dir) -> Path:
+def export_peft(adapter: Adapter, out_dir) -> Path:
     """Write a PEFT LoRA for transformers' SmolVLMForConditionalGeneration. PEFT computes
     lora_B(lora_A(x)) * lora_alpha / r with lora_A.weight (R, d_in), lora_B.weight (d_out, R); we fold our alpha
     into lora_B (= alpha * B^T) and set lora_alpha = r = R, so PEFT's scale is exactly 1."""

@@ -21,9 +21,9 @@ from pathlib import Path
 
 import torch
 
-import adapter as A
 import data
 import model as M
+from adapter import AdapterError, check_base, load_adapter
 from internalize import load_base
 
 
@@ -81,14 +81,14 @@ class Session:
         self.args = args
         path, self.qs = split_inputs(args)
         try:
-            self.adapter = A.load(path) if path else None
+            self.adapter = load_adapter(path) if path else None
             size, model_dir = resolve_base(args, self.adapter.meta if self.adapter else None)
             self.device = M.pick_device(args.device)
             dtype = M.pick_dtype(args.dtype, self.device)
             self.vlm, folder, _ = load_base(size, model_dir, self.device, dtype)
             if self.adapter:
-                A.check_base(self.adapter, self.vlm, path)
-        except A.AdapterError as e:
+                check_base(self.adapter, self.vlm, path)
+        except AdapterError as e:
             raise SystemExit(f"error: {e}") from None
         meta = self.adapter.meta if self.adapter else {}
         frames = args.frames or meta.get("frames", 12)
@@ -102,7 +102,7 @@ class Session:
             except data.DecodeError as e:
                 raise SystemExit(f"error: {e}") from None
         self.lora = self.adapter.lora(self.device) if self.mode == "adapter" else None
-        what = A.describe(self.adapter) if self.mode == "adapter" else f"{self.mode} mode, no adapter"
+        what = self.adapter.describe() if self.mode == "adapter" else f"{self.mode} mode, no adapter"
         print(f"device {self.device}, {str(dtype).replace('torch.', '')}; {what}", file=sys.stderr)
 
     def answer(self, question: str, stream) -> dict:

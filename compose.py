@@ -11,13 +11,13 @@ Only adapters of the same base model and hypernetwork compose (the static part m
 zero-shot: training only ever saw one chunk.
 
 The PEFT export loads onto transformers' SmolVLMForConditionalGeneration with `PeftModel.from_pretrained`
-(the scale convention is explained in adapter.to_peft).
+(the scale convention is explained in adapter.export_peft).
 """
 from __future__ import annotations
 
 import argparse
 
-import adapter as A
+from adapter import AdapterError, concat_adapters, export_peft, load_adapter, save_adapter
 
 
 def parse_weights(text: str | None, n: int) -> list[float] | None:
@@ -49,19 +49,19 @@ def main(argv=None):
     args = parse_args(argv)
     weights = parse_weights(args.weights, len(args.adapters))
     try:
-        adapters = [A.load(p) for p in args.adapters]
+        adapters = [load_adapter(p) for p in args.adapters]
         out = adapters[0]
         if len(adapters) > 1 or weights or args.bias_weight != 1.0:
-            out = A.concat(adapters, weights, args.bias_weight, meta={"created_by": "compose.py"})
-    except A.AdapterError as e:
+            out = concat_adapters(adapters, weights, args.bias_weight, meta={"created_by": "compose.py"})
+    except AdapterError as e:
         raise SystemExit(f"error: {e}") from None
     m = out.meta
     if args.out:
-        path = A.save(args.out, out, out.ab[next(iter(out.ab))][0].dtype)
+        path = save_adapter(args.out, out, out.ab[next(iter(out.ab))][0].dtype)
         print(f"wrote {path} ({path.stat().st_size / 1e6:.2f} MB): {len(m['segments'])} segment(s), "
               f"rank {m['generated_rank']} generated + {m['rank']} static")
     if args.to_peft:
-        folder = A.to_peft(out, args.to_peft)
+        folder = export_peft(out, args.to_peft)
         print(f"wrote PEFT LoRA {folder} (r = {m['generated_rank'] + m['rank']}, alpha folded into lora_B)")
 
 

@@ -6,7 +6,7 @@ prompts/tokens (the `Processor`), then the JSONL manifest dataset used for train
 """
 from __future__ import annotations
 
-import bisect, json, math, os, sys
+import bisect, json, math, os, sys, zlib
 from dataclasses import dataclass, field
 from datetime import timedelta
 from functools import lru_cache
@@ -398,6 +398,17 @@ def read_manifest(path, data_root=None) -> tuple[list[dict], int]:
     return rows, bad
 
 
+def plan_segments(start: float, end: float, n: int | None, seconds: float | None) -> list[tuple[float, float]]:
+    """[start, end) cut into n equal parts, or into parts of `seconds` (the last one shorter); non-overlapping."""
+    if seconds:
+        n_parts = max(1, math.ceil((end - start) / seconds - 1e-6))  # no sliver from float rounding
+        edges = [start + i * seconds for i in range(n_parts)] + [end]
+    else:
+        n = n or 1
+        edges = [start + (end - start) * i / n for i in range(n + 1)]
+    return list(zip(edges[:-1], edges[1:]))
+
+
 class VideoTextDataset(torch.utils.data.Dataset):
     """One item per manifest row: the video's internalization inputs plus the text-only training pair. Rows whose
     video is missing are dropped up front; one that fails to decode yields None, which `collate` drops; both are
@@ -405,20 +416,35 @@ class VideoTextDataset(torch.utils.data.Dataset):
 
     `cache_mb` > 0 keeps each video's processed inputs in memory, up to that many MB (per DataLoader worker), so a
     clip asked about in several rows, or seen again next epoch, is decoded once. Worth it when the frames are
-    small or the set fits in RAM (the toy world: decoding was half of a training step); off by default."""
+    small or the set fits in RAM (the toy world: decoding was half of a training step); off by default.
 
-    def __init__(self, manifest, processor: Processor, data_root=None, cache_mb: float = 0):
+    Two more views of the same clip, for training's options beyond the paper's recipe:
+    - teacher_view (its KL term): the teacher's input, [user: video, prompt] + generation prompt + the answer, so
+      its logits on the answer line up with the student's;
+    - compose_prob > 0 (composition training): that fraction of rows, chosen by a hash of (seed, row id), read
+      their clip as two halves, each decoded and internalized on its own exactly as `internalize.py --segments 2`
+      does; the two adapters are composed in rank space and the composed adapter answers the row. compose_where (a
+      manifest field, dotted into nested objects, e.g. spec.two_part) limits that to rows where the field is true:
+      videos whose halves show different things. An index may come as (row index, composable): train.py's sampler
+      says False before --compose-from.
+    """
+
+    def __init__(self, manifest, processor: Processor, data_root=None, cache_mb: float = 0, limit: int | None = None,
+                 teacher_view: bool = False, compose_prob: float = 0.0, seed: int = 0, compose_where: str | None = None):
         self.manifest, self.proc = Path(manifest), processor
         rows, self.malformed = read_manifest(manifest, data_root)
-        self.rows = [r for r in rows if Path(r["video_path"]).is_file()]
+        self.rows = [r for r in rows if Path(r["video_path"]).is_file()][:limit]
         self.missing, self.undecodable = len(rows) - len(self.rows), 0
         self.cache: dict[str, tuple] = {}
         self.cache_left = int(cache_mb * 2**20)
+        self.teacher_view, self.compose_prob, self.seed = teacher_view, compose_prob, seed
+        self.compose_where = compose_where.split(".") if compose_where else None
 
     def __len__(self):
         return len(self.rows)
 
-    def __getitem__(self, i: int):
+    def __getitem__(self, key):
+        i, self.composable = key if isinstance(key, tuple) else (key, True)
         row = self.rows[i]
         if row["video_path"] in self.cache:
             return self.item(row, *self.cache[row["video_path"]])
@@ -435,10 +461,47 @@ class VideoTextDataset(torch.utils.data.Dataset):
             self.cache[row["video_path"]], self.cache_left = (clip, ctx_ids, pixels), self.cache_left - size
         return self.item(row, clip, ctx_ids, pixels)
 
-    def item(self, row: dict, clip: Clip, ctx_ids: torch.Tensor, pixels: torch.Tensor) -> dict:
-        """One decoded row -> the tensors `collate` pads. Subclasses add views of the same clip here."""
+    def item(self, row: dict, clip: Clip, ctx_ids: torch.Tensor, pixels: torch.Tensor) -> dict | None:
+        """One decoded row -> the tensors `collate` pads."""
         ids, labels = self.proc.training_pair(row["prompt"], row["target_text"])
-        return {"id": row["id"], "pixel_values": pixels, "ctx_ids": ctx_ids[0], "ids": ids, "labels": labels}
+        out = {"id": row["id"], "pixel_values": pixels, "ctx_ids": ctx_ids[0], "ids": ids, "labels": labels,
+               "ctx_keys": [row["video_path"]]}  # what the VLM encodes, by name (train.py's HiddenCache)
+        if self.teacher_view:  # the same decoded clip, as the teacher saw it: video in context, then the answer
+            head, _ = self.proc.question_inputs(row["prompt"], video=clip)
+            tail = labels[labels != -100]
+            out["t_ids"] = torch.cat([head[0], tail])
+            out["t_labels"] = torch.cat([torch.full_like(head[0], -100), tail])
+        if self.compose_prob > 0 and getattr(self, "composable", True) and self.composed(row):
+            try:
+                spans = plan_segments(0.0, clip.duration, 2, None)
+                out["segments"] = [self.segment_inputs(row["video_path"], s, e) for s, e in spans]
+                out["ctx_keys"] = [f"{row['video_path']}#{s!r}-{e!r}" for s, e in spans]
+            except DecodeError as e:
+                self.undecodable += 1
+                _warn(f"row {row['id']} skipped: {e}")
+                return None
+        return out
+
+    def composed(self, row: dict) -> bool:
+        """Whether this row trains a composed adapter: fixed per (seed, row id), so a resumed run agrees."""
+        if self.compose_where:
+            value = row
+            for key in self.compose_where:
+                value = value.get(key) if isinstance(value, dict) else None
+            if value is not True:
+                return False
+        return zlib.crc32(f"{self.seed}:{row['id']}".encode()) < self.compose_prob * 2**32
+
+    def segment_inputs(self, path: str, start: float, end: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """(ctx_ids (T,), pixels (F, 3, S, S)) of one segment, as internalize.encode_segment reads it."""
+        key = f"{path}#{start!r}-{end!r}"
+        if key not in self.cache:
+            ids, pixels = self.proc.internalization_inputs(self.proc.load_video(path, start=start, end=end))
+            size = sum(t.numel() * t.element_size() for t in (ids, pixels))
+            if size > self.cache_left:
+                return ids[0], pixels
+            self.cache[key], self.cache_left = (ids[0], pixels), self.cache_left - size
+        return self.cache[key]
 
     def summary(self) -> str:
         usable = len(self.rows) - self.undecodable
@@ -448,14 +511,27 @@ class VideoTextDataset(torch.utils.data.Dataset):
     def collate(self, items: list) -> dict | None:
         """Pad a batch. Internalization ids are LEFT-padded (B, T) with a mask, so every sequence ends at the same
         position; training ids are RIGHT-padded (B, U) with labels -100 on padding. pixel_values (sum F, 3, S, S)
-        holds every sample's frames in order, `n_frames` (B,) says how many each has. None if nothing decoded."""
+        holds every sample's frames in order, `n_frames` (B,) says how many each has. None if nothing decoded.
+        With composed rows, ctx_* hold every segment as its own video and `owner` (N,) the row each belongs to."""
         kept = [x for x in items if x is not None]
         if not kept:
             return None
         ctx_ids, ctx_mask = pad_batch([x["ctx_ids"] for x in kept], self.proc.pad_id, "left")
         ids, mask = pad_batch([x["ids"] for x in kept], self.proc.pad_id, "right")
         labels, _ = pad_batch([x["labels"] for x in kept], -100, "right")
-        return {"row_ids": [x["id"] for x in kept], "skipped": len(items) - len(kept),
-                "pixel_values": torch.cat([x["pixel_values"] for x in kept]),
-                "n_frames": torch.tensor([len(x["pixel_values"]) for x in kept]),
-                "ctx_ids": ctx_ids, "ctx_mask": ctx_mask, "input_ids": ids, "attention_mask": mask, "labels": labels}
+        out = {"row_ids": [x["id"] for x in kept], "skipped": len(items) - len(kept),
+               "pixel_values": torch.cat([x["pixel_values"] for x in kept]),
+               "n_frames": torch.tensor([len(x["pixel_values"]) for x in kept]),
+               "ctx_ids": ctx_ids, "ctx_mask": ctx_mask, "input_ids": ids, "attention_mask": mask, "labels": labels,
+               "ctx_keys": [k for x in kept for k in x["ctx_keys"]]}  # one per sequence the VLM encodes, in order
+        if self.teacher_view:
+            out["t_ids"], out["t_mask"] = pad_batch([x["t_ids"] for x in kept], self.proc.pad_id, "right")
+            out["t_labels"], _ = pad_batch([x["t_labels"] for x in kept], -100, "right")
+        if any("segments" in x for x in kept):
+            # pixel_values keeps the whole clips (the teacher view reads them).
+            segs = [(i, *s) for i, x in enumerate(kept) for s in x.get("segments", [(x["ctx_ids"], x["pixel_values"])])]
+            out["ctx_ids"], out["ctx_mask"] = pad_batch([s[1] for s in segs], self.proc.pad_id, "left")
+            out["ctx_pixels"] = torch.cat([s[2] for s in segs])
+            out["owner"] = torch.tensor([s[0] for s in segs])
+            out["composed"] = sum("segments" in x for x in kept)
+        return out

@@ -317,7 +317,7 @@ class HyperNet(nn.Module):
         return out
 
 
-def internalize(vlm, net: HyperNet, input_ids, attention_mask=None, pixel_values=None, layer_chunk=None) -> dict:
+def internalize(vlm, hyper: HyperNet, input_ids, attention_mask=None, pixel_values=None, layer_chunk=None) -> dict:
     """method.md §2 + §3: the frozen VLM reads [video + instruction] with *no* LoRA, and the hypernetwork turns the
     residual streams entering its L layers into one adapter per sample. Returns what `vlm.forward(lora=...)` takes.
 
@@ -327,7 +327,7 @@ def internalize(vlm, net: HyperNet, input_ids, attention_mask=None, pixel_values
         out = vlm(input_ids, pixel_values, attention_mask, output_hidden_states=True, logits="none")
     hidden = torch.stack(out.hidden_states, dim=1)  # L x (B, T, D) -> (B, L, T, D)
     mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
-    return net(hidden, mask, layer_chunk=layer_chunk)
+    return hyper(hidden, mask, layer_chunk=layer_chunk)
 
 
 def compose_lora(lora: dict, owner: torch.Tensor, rank: int) -> dict:
@@ -355,17 +355,17 @@ def compose_lora(lora: dict, owner: torch.Tensor, rank: int) -> dict:
     return out
 
 
-def compile_hypernet(net: HyperNet, enabled: bool | None = None) -> HyperNet:
+def compile_hypernet(hyper: HyperNet, enabled: bool | None = None) -> HyperNet:
     """torch.compile the perceiver (the heavy part) in place; default on for CUDA, off on CPU.
 
-    Only `net.perceive` is replaced: parameters and state_dict keys are untouched, so the saved module is the
+    Only `hyper.perceive` is replaced: parameters and state_dict keys are untouched, so the saved module is the
     plain one. Compilation is lazy, so the first call's time (compile + run) is printed when it happens.
     """
     if enabled is None:
-        enabled = next(net.parameters()).device.type == "cuda"
+        enabled = next(hyper.parameters()).device.type == "cuda"
     if not enabled:
-        return net
-    compiled, pending = torch.compile(net._perceive), [True]
+        return hyper
+    compiled, pending = torch.compile(hyper._perceive), [True]
 
     def perceive(h, keep):  # (N, T, D), (N, T) -> (N, n_q, W); times the first call, where compiling happens
         t0, first, pending[0] = time.perf_counter(), pending[0], False
@@ -374,17 +374,17 @@ def compile_hypernet(net: HyperNet, enabled: bool | None = None) -> HyperNet:
             print(f"hypernet: torch.compile first call (compile + run) took {time.perf_counter() - t0:.1f} s")
         return out
 
-    net.perceive = perceive
-    return net
+    hyper.perceive = perceive
+    return hyper
 
 
-def param_breakdown(net: HyperNet) -> dict[str, int]:
+def param_breakdown(hyper: HyperNet) -> dict[str, int]:
     """Parameter counts per part, the grouping of method.md §3.3."""
     groups = {"projection": "modality_projection", "encoder": "encoder", "decoder": "decoder",
               "pre_head": "pre_head", "head": "head", "static_lora": "bias_", "scalers": "scaler_"}
-    counts = {g: sum(p.numel() for n, p in net.named_parameters() if n.startswith(pre))
+    counts = {g: sum(p.numel() for n, p in hyper.named_parameters() if n.startswith(pre))
               for g, pre in groups.items()}
-    return {**counts, "total": sum(p.numel() for p in net.parameters())}
+    return {**counts, "total": sum(p.numel() for p in hyper.parameters())}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -398,14 +398,14 @@ def _paths(path) -> tuple[Path, Path]:
     return p, p.with_suffix(".json")
 
 
-def save_hypernet(path, net: HyperNet) -> Path:
+def save_hypernet(path, hyper: HyperNet) -> Path:
     """Write weights and config (each to a temp file, then renamed); returns the .safetensors path."""
     weights, cfg = _paths(path)
     weights.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().contiguous().cpu() for k, v in net.state_dict().items()}
+    tensors = {k: v.detach().contiguous().cpu() for k, v in hyper.state_dict().items()}
     save_file(tensors, str(weights) + ".tmp", metadata={"format": "pt"})
     os.replace(str(weights) + ".tmp", weights)
-    Path(str(cfg) + ".tmp").write_text(json.dumps({"hyper_config": net.config.to_dict()}, indent=2))
+    Path(str(cfg) + ".tmp").write_text(json.dumps({"hyper_config": hyper.config.to_dict()}, indent=2))
     os.replace(str(cfg) + ".tmp", cfg)
     return weights
 
@@ -420,10 +420,10 @@ def load_hypernet(path, model_config=None, device="cpu") -> HyperNet:
     if model_config is not None:
         config.check_matches(model_config)
     with torch.device("meta"):  # no init work: every tensor comes from the file (strict, gpt-fast style)
-        net = HyperNet(config)
+        hyper = HyperNet(config)
     state = load_file(str(weights), device=str(device))
-    missing, unexpected = set(net.state_dict()) - set(state), set(state) - set(net.state_dict())
+    missing, unexpected = set(hyper.state_dict()) - set(state), set(state) - set(hyper.state_dict())
     if missing or unexpected:
         raise ValueError(f"{weights}: missing tensors {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}")
-    net.load_state_dict(state, strict=True, assign=True)
-    return net.eval()  # inference mode: out_norm "batch" uses its running statistics (train.py calls .train())
+    hyper.load_state_dict(state, strict=True, assign=True)
+    return hyper.eval()  # inference mode: out_norm "batch" uses its running statistics (train.py calls .train())

@@ -22,9 +22,9 @@ from pathlib import Path
 
 import torch
 
-import adapter as A
 import data
 import model as M
+from adapter import Adapter, adapter_from_lora, base_facts, concat_adapters, save_adapter, sha256_file
 from hypernet import compile_hypernet, load_hypernet
 
 ROOT = Path(__file__).resolve().parent
@@ -50,14 +50,14 @@ def load_base(size, model_dir, device, dtype):
         raise SystemExit(f"error: {path}: {e}") from None
     ident = M.PRESETS.get(size, size) if model_dir is None else Path(model_dir).name
     meta = {"base_model": ident or "tiny", "base_size": size if model_dir is None else None,
-            "base_model_dir": str(Path(path).resolve()), **A.base_facts(vlm)}
+            "base_model_dir": str(Path(path).resolve()), **base_facts(vlm)}
     return vlm, Path(path), meta
 
 
 @dataclass
 class Models:
     vlm: M.SmolVLM
-    net: torch.nn.Module
+    hyper: torch.nn.Module
     proc: data.Processor
     device: torch.device
     meta: dict                 # base-model and hypernetwork facts every adapter from these models carries
@@ -68,41 +68,30 @@ def load_models(args) -> Models:
     dtype = M.pick_dtype(args.dtype, device)
     size = args.size if args.model is None else None
     vlm, path, meta = load_base(size or "tiny", args.model, device, dtype)
-    hyper = Path(args.hypernet) if args.hypernet else ROOT / "checkpoints" / (size or "tiny") / "hypernet"
-    weights = hyper if hyper.suffix == ".safetensors" else hyper / "hypernet.safetensors"
+    hyper_path = Path(args.hypernet) if args.hypernet else ROOT / "checkpoints" / (size or "tiny") / "hypernet"
+    weights = hyper_path if hyper_path.suffix == ".safetensors" else hyper_path / "hypernet.safetensors"
     if args.hypernet is None and args.model is not None:
         raise SystemExit("error: --model needs --hypernet (a hypernetwork trained for that base model)")
     if not weights.is_file():
-        raise SystemExit(f"error: no hypernetwork at {hyper} (train one with train.py, or pass --hypernet)")
+        raise SystemExit(f"error: no hypernetwork at {hyper_path} (train one with train.py, or pass --hypernet)")
     try:
-        net = load_hypernet(hyper, vlm.config, device=device).eval().requires_grad_(False)
+        hyper = load_hypernet(hyper_path, vlm.config, device=device).eval().requires_grad_(False)
     except (ValueError, KeyError, OSError) as e:
-        raise SystemExit(f"error: hypernetwork {hyper}: {str(e).splitlines()[0]}") from None
-    net = compile_hypernet(net, args.compile)  # opt-in: compiling costs more than one video saves
+        raise SystemExit(f"error: hypernetwork {hyper_path}: {str(e).splitlines()[0]}") from None
+    hyper = compile_hypernet(hyper, args.compile)  # opt-in: compiling costs more than one video saves
     # A released size reads 384-px frames (method.md §2); a folder of our own keeps its processor's frame size.
     video_size = args.video_size or (384 if size in M.PRESETS else None)
     proc = data.Processor(path, max_frames=args.frames, video_size=video_size)
-    c = net.config
-    meta.update(hypernet=str(hyper), hypernet_sha256=A.sha256_file(weights), alpha=c.alpha, rank=c.rank,
+    c = hyper.config
+    meta.update(hypernet=str(hyper_path), hypernet_sha256=sha256_file(weights), alpha=c.alpha, rank=c.rank,
                 num_layers=c.num_layers, targets=[list(s) for s in c.target_shapes], frames=proc.max_frames,
                 video_size=proc.video_size, frame_side=proc.side)
     print(f"device {device}, {str(dtype).replace('torch.', '')}; base {meta['base_model']} ({path}); "
-          f"hypernetwork {hyper}", file=sys.stderr)
-    return Models(vlm, net, proc, device, meta)
+          f"hypernetwork {hyper_path}", file=sys.stderr)
+    return Models(vlm, hyper, proc, device, meta)
 
 
 # ------------------------------------------------------------------------------------------------ segments
-def plan_segments(start: float, end: float, n: int | None, seconds: float | None) -> list[tuple[float, float]]:
-    """[start, end) cut into n equal parts, or into parts of `seconds` (the last one shorter); non-overlapping."""
-    if seconds:
-        n_parts = max(1, math.ceil((end - start) / seconds - 1e-6))  # no sliver from float rounding
-        edges = [start + i * seconds for i in range(n_parts)] + [end]
-    else:
-        n = n or 1
-        edges = [start + (end - start) * i / n for i in range(n + 1)]
-    return list(zip(edges[:-1], edges[1:]))
-
-
 def encode_segment(m: Models, path: Path, start, end, timings: dict) -> tuple[dict, int, int]:
     """One segment -> (LoRA {t: (A (1, L, 2r, d_in), B (1, L, 2r, d_out))}, frames read, prompt tokens)."""
     t0 = time.perf_counter()
@@ -114,7 +103,7 @@ def encode_segment(m: Models, path: Path, start, end, timings: dict) -> tuple[di
         hidden = torch.stack(out.hidden_states, dim=1)                 # L x (1, T, D) -> (1, L, T, D)
         sync(m.device)
         t2 = time.perf_counter()
-        lora = m.net(hidden, torch.ones_like(ids, device=m.device))    # §3: generated rows, then static rows
+        lora = m.hyper(hidden, torch.ones_like(ids, device=m.device))    # §3: generated rows, then static rows
         sync(m.device)
     t3 = time.perf_counter()
     for key, dt in (("decode", t1 - t0), ("VLM encode", t2 - t1), ("hypernetwork", t3 - t2)):
@@ -122,11 +111,11 @@ def encode_segment(m: Models, path: Path, start, end, timings: dict) -> tuple[di
     return lora, len(clip.frames), ids.shape[1]
 
 
-def internalize_video(m: Models, path: Path, args) -> tuple[A.Adapter, dict, str]:
+def internalize_video(m: Models, path: Path, args) -> tuple[Adapter, dict, str]:
     """Every segment of one video -> one adapter (segments composed in rank space), timings, a summary line."""
     timings = {"decode": 0.0}
     t0 = time.perf_counter()
-    video_sha = A.sha256_file(path)
+    video_sha = sha256_file(path)
     start = args.start or 0.0
     end = args.end
     if end is None:  # the video's length, from a one-frame read (data.py counts frames by demuxing only)
@@ -135,14 +124,14 @@ def internalize_video(m: Models, path: Path, args) -> tuple[A.Adapter, dict, str
         raise data.DecodeError(f"{path}: empty range [{start}, {end}) s")
     timings["decode"] += time.perf_counter() - t0
     parts, frames, tokens = [], [], 0
-    for s, e in plan_segments(start, end, args.segments, args.segment_seconds):
+    for s, e in data.plan_segments(start, end, args.segments, args.segment_seconds):
         lora, n_frames, T = encode_segment(m, path, s, e, timings)
         seg = {"video": path.name, "video_sha256": video_sha, "start": round(s, 6), "end": round(e, 6),
                "frames": n_frames, "weight": 1.0}
-        parts.append(A.from_lora(lora, m.net.config.rank, {**m.meta, "segments": [seg]}))
+        parts.append(adapter_from_lora(lora, m.hyper.config.rank, {**m.meta, "segments": [seg]}))
         frames.append(n_frames)
         tokens = max(tokens, T)
-    adapter = A.concat(parts, meta={"created_by": "internalize.py"})
+    adapter = concat_adapters(parts, meta={"created_by": "internalize.py"})
     note = (f"{len(parts)} segment(s), frames {'+'.join(map(str, frames))}, up to {tokens} tokens read | "
             + ", ".join(f"{k} {v:.2f} s" for k, v in timings.items()))
     return adapter, timings, note
@@ -208,7 +197,7 @@ def main(argv=None):
             adapter, _, note = internalize_video(m, video, args)
         except data.DecodeError as e:
             raise SystemExit(f"error: {e}") from None
-        A.save(out, adapter, save_dtype)
+        save_adapter(out, adapter, save_dtype)
         print(f"{video.name}: {note}", file=sys.stderr)
         print(f"wrote {out} ({out.stat().st_size / 1e6:.2f} MB, rank {adapter.meta['generated_rank']}"
               f"+{adapter.meta['rank']})")

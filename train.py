@@ -1,18 +1,16 @@
 """Train the Video2LoRA hypernetwork (method.md §6), and write the teacher targets it trains on (§6.2).
 
     python train.py teacher --size 2.2B --manifest raw.jsonl --out teacher.jsonl
-    python train.py --size 500M --train teacher.jsonl --val val.jsonl --out runs/x
+    python train.py --size 500M --train teacher.jsonl --val val.jsonl --out runs/500m
     torchrun --nproc_per_node 4 train.py --size 500M ...     # DDP; the hypernetwork is the only trained module
+    python train.py --recipe toy/recipes/hypernet.toml ...    # a recipe file sets the defaults of the options
 
-One step (method.md §6.3): the frozen VLM reads [video + instruction] under no_grad and hands over every layer's
-hidden states; the hypernetwork turns them into one LoRA per sample; the *same* frozen VLM then reads the text-only
-[prompt][teacher answer] with that LoRA installed and zero visual tokens, and the cross-entropy on the answer
-flows back into the hypernetwork only.
-
-Options beyond the paper's recipe: --compose-prob P trains that fraction of rows through the composition of their
-clip's segment adapters (method.md §7, otherwise zero-shot); --cache-hidden-mb keeps the frozen VLM's hidden
-states per clip (and, with --kl-weight, its in-context answer logits per row), so later epochs skip its passes;
---kl-weight adds a KL term to the video-in-context teacher.
+One step is the paper's three (sample_losses): the frozen VLM reads [video + instruction] under no_grad and hands
+over every layer's hidden states; the hypernetwork turns them into one LoRA per sample; the *same* frozen VLM reads
+the text-only [prompt][teacher answer] with that LoRA and zero visual tokens, and the cross-entropy on the answer
+flows back into the hypernetwork only. Beside it, optional: a KL term to the video-in-context teacher
+(--kl-weight), rows trained through the composition of their clip's two halves' adapters (--compose-prob), and a
+cache of what the frozen VLM computes (--cache-hidden-mb), so later epochs skip its passes.
 
 Run folder (--out): log.jsonl (one line per step and per validation), and the checkpoints latest/ and best/:
     hypernet.safetensors + hypernet.json   weights + HyperConfig (hypernet.load_hypernet(dir) reads these)
@@ -21,7 +19,7 @@ Run folder (--out): log.jsonl (one line per step and per validation), and the ch
 """
 from __future__ import annotations
 
-import argparse, contextlib, json, math, os, shutil, signal, sys, time, zlib
+import argparse, contextlib, json, math, os, shutil, signal, sys, time, tomllib
 from pathlib import Path
 
 import torch
@@ -32,9 +30,45 @@ from tqdm import tqdm
 import data
 import model as M
 from hypernet import HyperConfig, HyperNet, compile_hypernet, compose_lora, load_hypernet, save_hypernet
-from internalize import plan_segments
 
 UNABLE = "Unable to determine."  # method.md §6.2: what an empty teacher answer becomes
+TOY_RECIPE = Path(__file__).resolve().parent / "toy" / "recipes" / "hypernet.toml"  # --size tiny's defaults
+# The paper's optimiser settings (method.md §6.3), fixed: AdamW (0.9, 0.999), weight decay 0.01 on every
+# parameter, linear warm-up over 3 % of the steps then cosine to 0, gradient norm clipped at 1.
+WEIGHT_DECAY, WARMUP, CLIP = 0.01, 0.03, 1.0
+
+
+# ------------------------------------------------------------------------------------------------ recipes
+def read_recipe(parser: argparse.ArgumentParser, path) -> dict:
+    """A recipe is a TOML file of `option = value` lines, named as the parser's long options (with _ or -). Each
+    value is checked against the option's type and choices, so a typo is an error, never an ignored line."""
+    try:
+        recipe = tomllib.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
+        raise SystemExit(f"error: recipe {path}: {e}") from None
+    actions = {a.dest: a for a in parser._actions}
+    out = {}
+    for key, value in recipe.items():
+        a = actions.get(key.replace("-", "_"))
+        if a is None or not a.option_strings or a.dest in ("recipe", "help"):
+            raise SystemExit(f"error: recipe {path}: unknown option {key!r}")
+        want = a.type or (type(a.const) if isinstance(a.const, bool) else str)
+        values = value if isinstance(value, list) and a.nargs in ("+", "*") else [value]
+        ok = all(isinstance(v, want) and not (isinstance(v, bool) and want is not bool)
+                 or (want is float and isinstance(v, int) and not isinstance(v, bool)) for v in values)
+        if not ok or (a.choices and any(v not in a.choices for v in values)):
+            raise SystemExit(f"error: recipe {path}: {key} = {value!r} is not a valid --{a.dest.replace('_', '-')}")
+        out[a.dest] = [want(v) for v in values] if a.nargs in ("+", "*") else want(value)
+    return out
+
+
+def parse_with_recipe(parser: argparse.ArgumentParser, argv, recipe=None) -> argparse.Namespace:
+    """Parse argv with the defaults of --recipe (or of `recipe` when none is given); the command line overrides."""
+    first, _ = parser.parse_known_args(argv)
+    path = getattr(first, "recipe", None) or recipe
+    if path:
+        parser.set_defaults(**read_recipe(parser, path))
+    return parser.parse_args(argv)
 
 
 # ------------------------------------------------------------------------------------------------ setup helpers
@@ -58,7 +92,6 @@ def to_device(batch: dict, device) -> dict:
     return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
-# ------------------------------------------------------------------------------------------------ distributed
 class Dist:
     """Rank facts from torchrun's environment; a plain run is rank 0 of 1 and never touches torch.distributed."""
 
@@ -83,95 +116,7 @@ class Dist:
             dist.barrier()
 
 
-class Rows(data.VideoTextDataset):
-    """VideoTextDataset, plus two optional views of the same clip:
-
-    - teacher_view (for the KL term): the teacher's input, [user: video, prompt] + generation prompt + the answer,
-      so its logits on the answer line up with the student's;
-    - compose_prob > 0 (composition training): that fraction of rows, chosen by a hash of (seed, row id), read
-      their clip as `compose_parts` equal segments, each decoded and internalized on its own exactly as
-      `internalize.py --segments N` does; their adapters are composed in rank space (hypernet.compose_lora) and the
-      composed adapter answers the row. Segments are cached beside the whole clips, within the same cache_mb.
-      An index may come as (row index, composable): the sampler says False before --compose-from, so those steps
-      train whole clips only. compose_where (a manifest field, dotted into nested objects, e.g. spec.two_part)
-      limits composition to the rows where that field is true: videos whose segments show different things.
-    """
-
-    def __init__(self, manifest, proc, teacher_view: bool = False, limit: int | None = None, cache_mb: float = 0,
-                 compose_prob: float = 0.0, compose_parts: int = 2, seed: int = 0, compose_where: str | None = None):
-        super().__init__(manifest, proc, cache_mb=cache_mb)
-        self.rows, self.teacher_view = self.rows[:limit], teacher_view
-        self.compose_prob, self.compose_parts, self.seed = compose_prob, compose_parts, seed
-        self.compose_where = compose_where.split(".") if compose_where else None
-
-    def __getitem__(self, key):
-        i, self.composable = key if isinstance(key, tuple) else (key, True)
-        return super().__getitem__(i)
-
-    def composed(self, row: dict) -> bool:
-        """Whether this row trains a composed adapter: fixed per (seed, row id), so a resumed run agrees."""
-        if self.compose_where:
-            value = row
-            for key in self.compose_where:
-                value = value.get(key) if isinstance(value, dict) else None
-            if value is not True:
-                return False
-        return zlib.crc32(f"{self.seed}:{row['id']}".encode()) < self.compose_prob * 2**32
-
-    def segment_inputs(self, path: str, start: float, end: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """(ctx_ids (T,), pixels (F, 3, S, S)) of one segment, as internalize.encode_segment reads it."""
-        key = self.segment_key(path, start, end)
-        if key not in self.cache:
-            ids, pixels = self.proc.internalization_inputs(self.proc.load_video(path, start=start, end=end))
-            size = sum(t.numel() * t.element_size() for t in (ids, pixels))
-            if size > self.cache_left:
-                return ids[0], pixels
-            self.cache[key], self.cache_left = (ids[0], pixels), self.cache_left - size
-        return self.cache[key]
-
-    @staticmethod
-    def segment_key(path: str, start: float, end: float) -> str:
-        return f"{path}#{start!r}-{end!r}"
-
-    def item(self, row: dict, clip: data.Clip, ctx_ids, pixels) -> dict | None:
-        out = super().item(row, clip, ctx_ids, pixels)
-        out["ctx_keys"] = [row["video_path"]]  # what the VLM encodes, by name (HiddenCache)
-        if self.teacher_view:  # the same decoded clip, as the teacher saw it: video in context, then the answer
-            head, _ = self.proc.question_inputs(row["prompt"], video=clip)
-            tail = out["labels"][out["labels"] != -100]
-            out["t_ids"] = torch.cat([head[0], tail])
-            out["t_labels"] = torch.cat([torch.full_like(head[0], -100), tail])
-        if self.compose_prob > 0 and getattr(self, "composable", True) and self.composed(row):
-            try:
-                spans = plan_segments(0.0, clip.duration, self.compose_parts, None)
-                out["segments"] = [self.segment_inputs(row["video_path"], s, e) for s, e in spans]
-                out["ctx_keys"] = [self.segment_key(row["video_path"], s, e) for s, e in spans]
-            except data.DecodeError as e:
-                self.undecodable += 1
-                print(f"warning: row {row['id']} skipped: {e}", file=sys.stderr)
-                return None
-        return out
-
-    def collate(self, items):
-        out = super().collate(items)
-        if out is None:
-            return None
-        kept = [x for x in items if x is not None]
-        out["ctx_keys"] = [k for x in kept for k in x["ctx_keys"]]  # one per sequence the VLM encodes, in order
-        if self.teacher_view:
-            out["t_ids"], out["t_mask"] = data.pad_batch([x["t_ids"] for x in kept], self.proc.pad_id, "right")
-            out["t_labels"], _ = data.pad_batch([x["t_labels"] for x in kept], -100, "right")
-        if any("segments" in x for x in kept):
-            # The VLM reads every segment as its own video; `owner` says whose adapter each one becomes part of.
-            # pixel_values keeps the whole clips (the teacher view reads them).
-            segs = [(i, *s) for i, x in enumerate(kept) for s in x.get("segments", [(x["ctx_ids"], x["pixel_values"])])]
-            out["ctx_ids"], out["ctx_mask"] = data.pad_batch([s[1] for s in segs], self.proc.pad_id, "left")
-            out["ctx_pixels"] = torch.cat([s[2] for s in segs])
-            out["owner"] = torch.tensor([s[0] for s in segs])
-            out["composed"] = sum("segments" in x for x in kept)
-        return out
-
-
+# ------------------------------------------------------------------------------------------------ data
 def micro_batches(n_rows: int, start_step: int, args, d: Dist):
     """This rank's row indices for every micro-batch from `start_step` on.
 
@@ -192,17 +137,10 @@ def micro_batches(n_rows: int, start_step: int, args, d: Dist):
     for s in range(start_step, args.steps):
         for m in range(args.accum):
             p0 = (s * args.accum + m) * args.batch * d.world + d.rank * args.batch
-            composable = s + 1 >= getattr(args, "compose_from", 0)
-            yield [(row(p), composable) for p in range(p0, p0 + args.batch)]
+            yield [(row(p), s + 1 >= args.compose_from) for p in range(p0, p0 + args.batch)]
 
 
 # ------------------------------------------------------------------------------------------------ the step
-def response_mean(per_token: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """(B, U-1) per-token values on shifted labels -> (B,) mean over each sample's response tokens."""
-    keep = labels[:, 1:] != -100
-    return (per_token * keep).sum(1) / keep.sum(1).clamp(min=1)
-
-
 class HiddenCache:
     """What the frozen VLM computes, kept so that later epochs skip its passes (--cache-hidden-mb): the hidden states
     of each video (or segment) it has encoded and, with the KL term, the in-context teacher's logits on each row's
@@ -212,6 +150,10 @@ class HiddenCache:
 
     def __init__(self, mb: float):
         self.left, self.store, self.hits, self.misses = int(mb * 2**20), {}, 0, 0
+
+    def keep(self, key, t: torch.Tensor):
+        if key not in self.store and t.numel() * t.element_size() <= self.left:
+            self.store[key], self.left = t.clone(), self.left - t.numel() * t.element_size()
 
     def encode(self, vlm: M.SmolVLM, ids, pixels, mask, keys: list[str] | None) -> torch.Tensor:
         """(B, L, T, D): the L hidden states entering each layer, for left-padded ids (B, T)."""
@@ -224,14 +166,10 @@ class HiddenCache:
                 H[b, :, T - self.store[k].shape[1]:] = self.store[k]
             return H
         self.misses += 1
-        H = torch.stack(vlm(ids, pixels, mask, output_hidden_states=True, logits="none").hidden_states, dim=1)
+        H = encode(vlm, ids, pixels, mask)
         for b, k in enumerate(keys or []):
-            n = int(mask[b].sum())
-            h = H[b, :, H.shape[2] - n:]
-            if k not in self.store and h.numel() * h.element_size() <= self.left:
-                self.store[k], self.left = h.clone(), self.left - h.numel() * h.element_size()
+            self.keep(k, H[b, :, H.shape[2] - int(mask[b].sum()):])
         return H
-
 
     def teacher(self, vlm: M.SmolVLM, batch: dict) -> torch.Tensor:
         """(N, V): the video-in-context teacher's logits at the labelled answer tokens of every row, rows in order."""
@@ -243,55 +181,60 @@ class HiddenCache:
         logits = vlm(batch["t_ids"], batch["pixel_values"], batch["t_mask"]).logits[:, :-1].float()
         answer = batch["t_labels"][:, 1:] != -100                                   # (B, U-1)
         for b, k in enumerate(keys):
-            t = logits[b][answer[b]]
-            if k not in self.store and t.numel() * t.element_size() <= self.left:
-                self.store[k], self.left = t.clone(), self.left - t.numel() * t.element_size()
+            self.keep(k, logits[b][answer[b]])
         return logits[answer]
 
 
-def sample_losses(vlm: M.SmolVLM, hyper, batch: dict, layer_chunk=None, kl_temp=None,
-                  hidden_cache: HiddenCache | None = None):
-    """Per-sample response CE (B,) and, if kl_temp is set, per-sample KL to the video-in-context teacher (B,)."""
-    with torch.no_grad():
-        # 1. Encode [video + instruction]; keep the L states *entering* each layer (method.md §2): (B, L, T, D).
-        # With composition training (Rows.compose_prob) these are segments, several per sample.
-        pixels = batch.get("ctx_pixels", batch["pixel_values"])
-        if hidden_cache is None:
-            H = torch.stack(vlm(batch["ctx_ids"], pixels, batch["ctx_mask"], output_hidden_states=True,
-                                logits="none").hidden_states, dim=1)
-        else:
-            H = hidden_cache.encode(vlm, batch["ctx_ids"], pixels, batch["ctx_mask"], batch.get("ctx_keys"))
-    # 2. One LoRA per sample: {target: (A (B, L, 2r, d_in), B (B, L, 2r, d_out))}; alpha multiplies directly (§4).
-    lora = hyper(H, batch["ctx_mask"], layer_chunk=layer_chunk)
-    config = (hyper.module if hasattr(hyper, "module") else hyper).config
-    alpha = config.alpha
-    if "owner" in batch:  # segment adapters -> one composed adapter per sample, as compose.py would make it
+@torch.no_grad()
+def encode(vlm: M.SmolVLM, ids, pixels, mask) -> torch.Tensor:
+    """The frozen VLM reads [video + instruction], no LoRA, no LM head: the L states *entering* its layers
+    (method.md §2), (B, L, T, D)."""
+    return torch.stack(vlm(ids, pixels, mask, output_hidden_states=True, logits="none").hidden_states, dim=1)
+
+
+def response_mean(per_token: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """(B, U-1) per-token values on shifted labels -> (B,) mean over each sample's response tokens."""
+    keep = labels[:, 1:] != -100
+    return (per_token * keep).sum(1) / keep.sum(1).clamp(min=1)
+
+
+def sample_losses(vlm: M.SmolVLM, hyper, batch: dict, layer_chunk=None, kl: bool = False,
+                  cache: HiddenCache | None = None):
+    """The paper's step, per sample: response CE (B,) and, with kl, the KL to the video-in-context teacher (B,)."""
+    config = (hyper.module if hasattr(hyper, "module") else hyper).config  # under DDP, the wrapped HyperNet's
+    # 1. Encode the video (several segments per sample for composed rows; data.VideoTextDataset).
+    ids, pixels, mask = batch["ctx_ids"], batch.get("ctx_pixels", batch["pixel_values"]), batch["ctx_mask"]
+    H = encode(vlm, ids, pixels, mask) if cache is None else cache.encode(vlm, ids, pixels, mask, batch["ctx_keys"])
+    # 2. Generate the adapter: {target: (A (B, L, 2r, d_in), B (B, L, 2r, d_out))}; gradients reach the hypernetwork.
+    lora = hyper(H, mask, layer_chunk=layer_chunk)
+    if "owner" in batch:  # composition training: segment adapters -> one per sample, as compose.py makes it
         lora = compose_lora(lora, batch["owner"], config.rank)
-    # 3. Text only, zero visual tokens: [user: prompt][assistant: teacher answer], right-padded.
-    logits = vlm(batch["input_ids"], attention_mask=batch["attention_mask"], lora=lora, lora_alpha=alpha).logits
+    # 3. Text only, zero visual tokens: [user: prompt][assistant: teacher answer]; CE on the answer, in fp32 (§6.2).
+    logits = vlm(batch["input_ids"], attention_mask=batch["attention_mask"], lora=lora, lora_alpha=config.alpha).logits
     labels = batch["labels"]
-    logp = F.log_softmax(logits[:, :-1].float(), dim=-1)  # (B, U-1, V), fp32 as in §6.2
-    ce = -logp.gather(-1, labels[:, 1:].clamp(min=0)[..., None])[..., 0]  # (B, U-1)
-    kl = None
-    if kl_temp is not None:
-        with torch.no_grad():  # the same frozen model as teacher, with the video in context
-            if hidden_cache is None:
-                t_logits = vlm(batch["t_ids"], batch["pixel_values"], batch["t_mask"]).logits[:, :-1].float()
-                t = t_logits[batch["t_labels"][:, 1:] != -100]
-            else:
-                t = hidden_cache.teacher(vlm, batch)
-        # Both sequences end in the same answer tokens, so the labelled positions pair up one to one, in order.
-        s = logp[labels[:, 1:] != -100]  # (N, V), as t
-        tau = kl_temp
-        tok = F.kl_div(F.log_softmax(s / tau, -1), F.log_softmax(t / tau, -1), log_target=True,
-                       reduction="none").sum(-1) * tau**2  # (N,), scaled by tau^2 as usual
-        per_token = torch.zeros_like(ce)
-        per_token[labels[:, 1:] != -100] = tok
-        kl = response_mean(per_token, labels)
-    return response_mean(ce, labels), kl
+    logp = F.log_softmax(logits[:, :-1].float(), dim=-1)                       # (B, U-1, V)
+    ce = -logp.gather(-1, labels[:, 1:].clamp(min=0)[..., None])[..., 0]       # (B, U-1)
+    return response_mean(ce, labels), (teacher_kl(vlm, batch, logp, cache) if kl else None)
 
 
-def train_step(vlm, hyper, loader_iter, opt, sched, args, d: Dist, hidden_cache=None) -> dict:
+def teacher_kl(vlm: M.SmolVLM, batch: dict, logp: torch.Tensor, cache: HiddenCache | None) -> torch.Tensor:
+    """(B,): KL(teacher || student) on each answer token, averaged per sample, the teacher being the same frozen
+    model with the video in context (an option beyond the paper's recipe, where the weight is 0)."""
+    with torch.no_grad():
+        if cache is None:
+            t_logits = vlm(batch["t_ids"], batch["pixel_values"], batch["t_mask"]).logits[:, :-1].float()
+            t = t_logits[batch["t_labels"][:, 1:] != -100]                      # (N, V)
+        else:
+            t = cache.teacher(vlm, batch)
+    # Both sequences end in the same answer tokens, so the labelled positions pair up one to one, in order.
+    answer = batch["labels"][:, 1:] != -100
+    tok = F.kl_div(logp[answer], F.log_softmax(t, -1), log_target=True, reduction="none").sum(-1)   # (N,)
+    per_token = torch.zeros(answer.shape, dtype=tok.dtype, device=tok.device)
+    per_token[answer] = tok
+    return response_mean(per_token, batch["labels"])
+
+
+def train_step(vlm, hyper, loader_iter, opt, sched, args, d: Dist, cache=None) -> dict:
     """One optimizer step over `accum` micro-batches on every rank; returns the step's global metrics.
 
     The gradient is that of mean_m[(1/N_m) * sum of per-sample losses of micro-batch m over all ranks], which is
@@ -300,7 +243,7 @@ def train_step(vlm, hyper, loader_iter, opt, sched, args, d: Dist, hidden_cache=
     all-reduce with a zero-weight pass; a micro-batch with nothing on any rank is skipped by all.
     """
     opt.zero_grad(set_to_none=True)
-    net = hyper.module if d.world > 1 else hyper
+    inner = hyper.module if d.world > 1 else hyper
     ce_sum = kl_sum = n_local = composed = 0.0
     skipped, synced = 0, False
     for m in range(args.accum):
@@ -313,12 +256,12 @@ def train_step(vlm, hyper, loader_iter, opt, sched, args, d: Dist, hidden_cache=
         last = m == args.accum - 1
         with contextlib.nullcontext() if (last or d.world == 1) else hyper.no_sync():
             if n == 0:
-                c = net.config
+                c = inner.config
                 lora = hyper(torch.zeros(1, c.num_layers, 1, c.hidden_size, device=d.device))
                 loss_sum = sum(a.sum() + b.sum() for a, b in lora.values()) * 0.0
             else:
-                ce, kl = sample_losses(vlm, hyper, to_device(batch, d.device), args.layer_chunk,
-                                       args.kl_temp if args.kl_weight > 0 else None, hidden_cache)
+                ce, kl = sample_losses(vlm, hyper, to_device(batch, d.device), args.layer_chunk, args.kl_weight > 0,
+                                       cache)
                 loss_sum = (ce if kl is None else ce + args.kl_weight * kl).sum()
                 ce_sum, n_local = ce_sum + ce.detach().sum().item(), n_local + n
                 composed += batch.get("composed", 0)
@@ -331,7 +274,7 @@ def train_step(vlm, hyper, loader_iter, opt, sched, args, d: Dist, hidden_cache=
         for p in params:
             dist.all_reduce(p.grad)
             p.grad /= d.world
-    grad_norm = torch.nn.utils.clip_grad_norm_(hyper.parameters(), args.clip).item() if params else 0.0
+    grad_norm = torch.nn.utils.clip_grad_norm_(hyper.parameters(), CLIP).item() if params else 0.0
     lr = sched.get_last_lr()[0]
     opt.step()
     sched.step()
@@ -341,28 +284,28 @@ def train_step(vlm, hyper, loader_iter, opt, sched, args, d: Dist, hidden_cache=
 
 
 @torch.no_grad()
-def validate(vlm, net: HyperNet, val: Rows, args, d: Dist, hidden_cache=None) -> float:
+def validate(vlm, hyper: HyperNet, val: data.VideoTextDataset, args, d: Dist, cache=None) -> float:
     """Mean per-sample response CE over the validation rows (sharded over ranks, summed back)."""
-    net.eval()
+    hyper.eval()
     mine = list(range(d.rank, len(val), d.world))
     ce_sum = n = 0.0
     for i in range(0, len(mine), args.batch):
         batch = val.collate([val[j] for j in mine[i:i + args.batch]])
         if batch is not None:
-            ce, _ = sample_losses(vlm, net, to_device(batch, d.device), args.layer_chunk, hidden_cache=hidden_cache)
+            ce, _ = sample_losses(vlm, hyper, to_device(batch, d.device), args.layer_chunk, cache=cache)
             ce_sum, n = ce_sum + ce.sum().item(), n + len(ce)
-    net.train()
+    hyper.train()
     ce_sum, n = d.sum(ce_sum, n)
     return ce_sum / max(n, 1)
 
 
 # ------------------------------------------------------------------------------------------------ checkpoints
-def save_checkpoint(run: Path, name: str, net: HyperNet, state: dict, opt=None, sched=None) -> Path:
+def save_checkpoint(run: Path, name: str, hyper: HyperNet, state: dict, opt=None, sched=None) -> Path:
     """Write run/name atomically: everything goes to name.tmp, then two renames swap it in (a crash between
     them leaves name.old, which --resume also accepts). `best` holds no optimizer state, only the weights."""
     tmp, final, old = run / f"{name}.tmp", run / name, run / f"{name}.old"
     shutil.rmtree(tmp, ignore_errors=True)
-    save_hypernet(tmp, net)
+    save_hypernet(tmp, hyper)
     if opt is not None:
         rng = {"cpu": torch.get_rng_state()}
         if torch.cuda.is_available():
@@ -427,9 +370,19 @@ def _ignore_sigint(_worker_id):
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
+def trim_log(path: Path, step: int):
+    """Drop log lines of steps after `step` (rewritten atomically), so a resumed run's log has no duplicates."""
+    if not path.is_file():
+        return
+    keep = [ln for ln in path.read_text().splitlines(keepends=True) if ln.endswith("\n")
+            and json.loads(ln).get("step", 0) <= step]
+    Path(str(path) + ".tmp").write_text("".join(keep))
+    os.replace(str(path) + ".tmp", path)
+
+
 # ------------------------------------------------------------------------------------------------ the loop
 HYPER_FLAGS = ("latent_size", "n_latents", "num_blocks", "n_heads", "head_dim", "n_kv_heads", "rank", "proj_mult",
-               "alpha", "init", "out_norm")
+               "init", "out_norm")
 
 
 def hyper_config(args, vlm_config) -> HyperConfig:
@@ -441,30 +394,29 @@ def train(args) -> dict:
     torch.manual_seed(args.seed)
     vlm, proc, model_dir = model_setup(args, d.device)
     run, say = Path(args.out), (print if d.rank == 0 else (lambda *a, **k: None))
-    if not 0 <= args.compose_prob <= 1 or args.compose_parts < 2:
-        raise SystemExit("error: --compose-prob must be in [0, 1] and --compose-parts at least 2")
-    train_set = Rows(args.train, proc, teacher_view=args.kl_weight > 0, cache_mb=args.cache_mb,
-                     compose_prob=args.compose_prob, compose_parts=args.compose_parts, seed=args.seed,
-                     compose_where=args.compose_where)
-    val_set = Rows(args.val, proc, limit=args.val_rows, cache_mb=args.cache_mb) if args.val else None
+    if not 0 <= args.compose_prob <= 1:
+        raise SystemExit("error: --compose-prob must be in [0, 1]")
+    train_set = data.VideoTextDataset(args.train, proc, teacher_view=args.kl_weight > 0, cache_mb=args.cache_mb,
+                     compose_prob=args.compose_prob, seed=args.seed, compose_where=args.compose_where)
+    val_set = data.VideoTextDataset(args.val, proc, limit=args.val_rows, cache_mb=args.cache_mb) if args.val else None
     say(f"device {d.device} x {d.world}, base {model_dir}; {train_set.summary()}", file=sys.stderr)
     if len(train_set) == 0:
         raise SystemExit(f"error: {args.train} has no rows with a video file")
     ckpt = latest_checkpoint(run) if args.resume else None
     if ckpt is not None:
-        net, state = load_hypernet(ckpt, vlm.config, d.device), json.loads((ckpt / "state.json").read_text())
+        hyper, state = load_hypernet(ckpt, vlm.config, d.device), json.loads((ckpt / "state.json").read_text())
     else:
-        net, state = HyperNet(hyper_config(args, vlm.config)).to(d.device), {"step": 0, "best_val_ce": None}
-    net.train()  # load_hypernet returns it in inference mode
-    opt = torch.optim.AdamW(net.parameters(), lr=args.lr, betas=(0.9, 0.999), weight_decay=args.wd)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine_with_warmup(args.steps, args.warmup))
+        hyper, state = HyperNet(hyper_config(args, vlm.config)).to(d.device), {"step": 0, "best_val_ce": None}
+    hyper.train()  # load_hypernet returns it in inference mode
+    opt = torch.optim.AdamW(hyper.parameters(), lr=args.lr, betas=(0.9, 0.999), weight_decay=WEIGHT_DECAY)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine_with_warmup(args.steps, WARMUP))
     if ckpt is not None:
         restore_trainer(ckpt, opt, sched)
         say(f"resumed {ckpt} at step {state['step']}", file=sys.stderr)
-    compile_hypernet(net, {"auto": None, "on": True, "off": False}[args.compile])
-    hidden_cache = HiddenCache(args.cache_hidden_mb) if args.cache_hidden_mb > 0 else None
+    compile_hypernet(hyper, {"auto": None, "on": True, "off": False}[args.compile])
+    train_cache = HiddenCache(args.cache_hidden_mb) if args.cache_hidden_mb > 0 else None
     val_cache = HiddenCache(args.cache_hidden_mb) if args.cache_hidden_mb > 0 else None
-    hyper = torch.nn.parallel.DistributedDataParallel(net) if d.world > 1 else net
+    wrapped = torch.nn.parallel.DistributedDataParallel(hyper) if d.world > 1 else hyper
     start = state["step"]
     loader = iter(torch.utils.data.DataLoader(train_set, batch_sampler=micro_batches(len(train_set), start, args, d),
                                               collate_fn=train_set.collate, num_workers=args.workers,
@@ -475,10 +427,11 @@ def train(args) -> dict:
     log = open(run / "log.jsonl", "a") if d.rank == 0 else None
     bar = tqdm(total=args.steps, initial=start, desc="train", unit="step", disable=d.rank != 0, dynamic_ncols=True)
     skipped = state.get("skipped", 0)
+    saved = lambda: {**state, "args": vars(args), "base_model": str(model_dir)}  # noqa: E731
     with StopFlag() as stop:
         for step in range(start + 1, args.steps + 1):
             t0 = time.time()
-            m = train_step(vlm, hyper, loader, opt, sched, args, d, hidden_cache)
+            m = train_step(vlm, wrapped, loader, opt, sched, args, d, train_cache)
             skipped += m["skipped"]
             m = {"step": step, "loss": m["ce"] + args.kl_weight * m["kl"], **m,
                  "samples_per_s": m["samples"] / (time.time() - t0), "time": time.time()}
@@ -489,18 +442,17 @@ def train(args) -> dict:
                 bar.set_postfix(loss=f"{m['loss']:.4f}", lr=f"{m['lr']:.2e}", sps=f"{m['samples_per_s']:.1f}")
                 bar.update(1)
             if val_set is not None and (step % args.val_every == 0 or step == args.steps):
-                state["val_ce"] = validate(vlm, net, val_set, args, d, val_cache)
+                state["val_ce"] = validate(vlm, hyper, val_set, args, d, val_cache)
                 say(f"\nstep {step}: val CE {state['val_ce']:.4f}", file=sys.stderr)
                 if d.rank == 0:
                     log.write(json.dumps({"step": step, "val_ce": state["val_ce"], "time": time.time()}) + "\n")
                     if state["best_val_ce"] is None or state["val_ce"] < state["best_val_ce"]:
                         state["best_val_ce"] = state["val_ce"]
-                        save_checkpoint(run, "best", net, {**state, "args": vars(args), "base_model": str(model_dir)})
+                        save_checkpoint(run, "best", hyper, saved())
             stopping = bool(d.sum(stop.set)[0]) or step == args.stop_at
             if stopping or step % args.save_every == 0 or step == args.steps:
                 if d.rank == 0:
-                    save_checkpoint(run, "latest", net, {**state, "args": vars(args), "base_model": str(model_dir)},
-                                    opt, sched)
+                    save_checkpoint(run, "latest", hyper, saved(), opt, sched)
                 d.barrier()
             if stopping:
                 break
@@ -511,16 +463,6 @@ def train(args) -> dict:
     if d.world > 1:
         dist.destroy_process_group()
     return state
-
-
-def trim_log(path: Path, step: int):
-    """Drop log lines of steps after `step` (rewritten atomically), so a resumed run's log has no duplicates."""
-    if not path.is_file():
-        return
-    keep = [ln for ln in path.read_text().splitlines(keepends=True) if ln.endswith("\n")
-            and json.loads(ln).get("step", 0) <= step]
-    Path(str(path) + ".tmp").write_text("".join(keep))
-    os.replace(str(path) + ".tmp", path)
 
 
 # ------------------------------------------------------------------------------------------------ teacher targets
@@ -593,31 +535,29 @@ def add_model_args(p):
 def train_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(p)
+    p.add_argument("--recipe", default=None, help="TOML file of option defaults (default: the paper's recipe; "
+                   "with --size tiny, toy/recipes/hypernet.toml); the command line overrides it")
     p.add_argument("--train", help="training manifest (JSONL: id, video_path, prompt, target_text)")
     p.add_argument("--val", help="validation manifest; best/ keeps the lowest validation CE")
     p.add_argument("--out", required=True, help="run folder for log.jsonl, latest/ and best/")
     p.add_argument("--resume", action="store_true", help="continue --out from latest/ with the run's saved arguments")
-    g = p.add_argument_group("optimisation (method.md §6.3)")
+    g = p.add_argument_group("optimisation (defaults: method.md §6.3)")
     g.add_argument("--steps", type=int, default=60000, help="optimizer steps (sets the cosine schedule)")
     g.add_argument("--batch", type=int, default=2, help="samples per device per micro-batch")
     g.add_argument("--accum", type=int, default=8, help="micro-batches per step (x batch x GPUs = global batch)")
     g.add_argument("--lr", type=float, default=1e-4)
-    g.add_argument("--wd", type=float, default=0.01, help="AdamW weight decay, on all parameters")
-    g.add_argument("--warmup", type=float, default=0.03, help="warm-up fraction of --steps")
-    g.add_argument("--clip", type=float, default=1.0, help="gradient-norm clip")
-    g.add_argument("--kl-weight", type=float, default=0.0, help="KL to the video-in-context teacher (paper: off)")
-    g.add_argument("--kl-temp", type=float, default=1.0, help="KL temperature (loss scaled by its square)")
+    g.add_argument("--seed", type=int, default=0, help="init and data order")
+    g = p.add_argument_group("beyond the paper's recipe (all off by default)")
+    g.add_argument("--kl-weight", type=float, default=0.0, help="KL to the video-in-context teacher")
     g.add_argument("--compose-prob", type=float, default=0.0,
-                   help="fraction of training rows answered by the composition of their clip's segment adapters "
-                        "(default 0, as the paper: composition is then zero-shot)")
+                   help="fraction of training rows answered by the composition of their clip's two halves' adapters "
+                        "(the paper: 0, so composition is zero-shot)")
     g.add_argument("--compose-from", type=int, default=0,
-                   help="first step that composes rows (a warm start: whole clips only before it, so the adapter "
-                        "learns to read the video before it learns to share the update with other segments)")
-    g.add_argument("--compose-parts", type=int, default=2, help="equal segments a composed row's clip is cut into")
+                   help="first step that composes rows (whole clips only before it, so the adapter learns to read "
+                        "the video before it learns to share the update with another segment's)")
     g.add_argument("--compose-where", default=None, metavar="FIELD",
                    help="compose only rows whose manifest FIELD is true (dotted into nested objects, e.g. "
                         "spec.two_part: the toy clips whose halves show different objects)")
-    g.add_argument("--seed", type=int, default=0, help="init and data order")
     g = p.add_argument_group("running")
     g.add_argument("--val-every", type=int, default=1000, help="validate every N steps (and at the end)")
     g.add_argument("--val-rows", type=int, default=1024, help="validation rows used (method: val_core, 1024)")
@@ -659,9 +599,10 @@ def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["teacher"]:
         return teacher_main(argv[1:])
-    argv = argv[1:] if argv[:1] == ["train"] else argv
     p = train_parser()
-    args = p.parse_args(argv)
+    first, _ = p.parse_known_args(argv)
+    toy = (first.size or "tiny") == "tiny" and first.model is None
+    args = parse_with_recipe(p, argv, TOY_RECIPE if toy else None)
     run = Path(args.out)
     ckpt = latest_checkpoint(run)
     if args.resume:
@@ -670,7 +611,7 @@ def main(argv=None):
         # The saved arguments become the defaults, so only what is given again on the command line changes.
         saved = json.loads((ckpt / "state.json").read_text())["args"]
         saved.pop("stop_at", None)
-        p.set_defaults(**saved)
+        p.set_defaults(**{k: v for k, v in saved.items() if k in vars(args)})
         args = p.parse_args(argv)
     elif ckpt is not None:
         raise SystemExit(f"error: {run} already holds a run; pass --resume to continue it or choose another --out")

@@ -36,7 +36,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 import data  # noqa: E402
 import model as M  # noqa: E402
-import toyworld  # noqa: E402
+from toy import world
 from hypernet import HyperConfig, HyperNet, load_hypernet  # noqa: E402
 
 QUESTION = "Describe the video."
@@ -151,7 +151,7 @@ def write_proc_dir(cfg: M.SmolVLMConfig, path: Path) -> Path:
     real tokens per frame. Only the word pieces differ from SmolLM2's BPE (a few text tokens either way)."""
     path.mkdir(parents=True, exist_ok=True)
     (path / "config.json").write_text(json.dumps(cfg.to_hf_dict(), indent=2))
-    toyworld.toy_tokenizer().save(str(path / "tokenizer.json"))
+    world.toy_tokenizer().save(str(path / "tokenizer.json"))
     return path
 
 
@@ -170,11 +170,11 @@ def tiny_setup(workdir: Path, device, dtype, seed: int = 0) -> Setup:
     if (M.TINY_DIR / "model.safetensors").exists():
         base, label = M.TINY_DIR, "toy base (checkpoints/tiny/base)"
     else:
-        import toy_base  # the toy shape and the HF-layout writer
+        from toy import base as toy_base
 
         base, label = workdir / "random-tiny", "toy shape, random weights"
         if not (base / "model.safetensors").exists():
-            tok = toyworld.toy_tokenizer()
+            tok = world.toy_tokenizer()
             cfg = toy_base.toy_config(tok.get_vocab_size(), tok.token_to_id("<image>"))
             toy_base.write_model_dir(base, cfg, tok, random_vlm(cfg, seed).state_dict())
     vlm = M.load_model(base, dtype, device)
@@ -203,8 +203,8 @@ def long_clip(workdir: Path, width: int, height: int, seconds: int, fps: int = 4
     path = workdir / f"clip-{width}x{height}-{seconds}s-{fps}fps.mp4"
     if not path.exists():
         side = min(width, height) // 4
-        obj = toyworld.ObjectSpec("red", (220, 40, 40), "circle", side, 0.0, (height - side) / 2, "right", 0.7)
-        toyworld.write_clip(toyworld.ClipSpec(width, height, fps, seconds * fps, (obj,)), path)
+        obj = world.ObjectSpec("red", (220, 40, 40), "circle", side, 0.0, (height - side) / 2, "right", 0.7)
+        world.write_clip(world.ClipSpec(width, height, fps, seconds * fps, (obj,)), path)
     return path
 
 

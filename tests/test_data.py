@@ -19,33 +19,10 @@ from transformers.models.smolvlm.video_processing_smolvlm import SmolVLMVideoPro
 from transformers.video_utils import VideoMetadata, default_sample_indices_fn, read_video_pyav
 
 import data
-import toyworld
+from conftest import write_clip
+from toy import world
 
 SEQ = 4  # tokens per frame of the tiny test config: (32 // 8)**2 // 2**2
-
-
-def write_clip(path, w=64, h=48, n=30, rate=10, codec="libx264", pix="yuv420p", rotation=None, pts_ms=None, gop=8):
-    """A clip whose frames differ (moving bar, changing colour) so a wrong frame shows."""
-    with av.open(str(path), "w") as c:
-        s = c.add_stream(codec, rate=rate)
-        s.width, s.height, s.pix_fmt = w, h, pix
-        s.codec_context.gop_size = gop
-        if pts_ms is not None:
-            s.codec_context.time_base = fractions.Fraction(1, 1000)
-        if rotation is not None:
-            s.set_display_rotation(rotation)
-        for i in range(n):
-            a = np.full((h, w, 3), (i * 37) % 256, np.uint8)
-            a[: h // 3, : max(1, w // 4)] = (255, 0, 0)                 # a corner marker shows the orientation
-            a[:, (i * 3) % w] = 255
-            f = av.VideoFrame.from_ndarray(a, format="rgb24")
-            if pts_ms is not None:
-                f.pts, f.time_base = pts_ms[i], fractions.Fraction(1, 1000)
-            for p in s.encode(f):
-                c.mux(p)
-        for p in s.encode():
-            c.mux(p)
-    return path
 
 
 def smolvlm_sampler(max_frames, fps=1):
@@ -59,7 +36,7 @@ def model_dir(tmp_path_factory):
     corpus = ["Internalize this video for later captioning.", "What is the capital of France? Paris.",
               "You are provided the following series of frames from a video. Frame from",
               "Describe what is happening in this scene. A red square moves left."] * 20
-    toyworld.build_tokenizer(corpus, 400).save(str(d / "tokenizer.json"))
+    world.build_tokenizer(corpus, 400).save(str(d / "tokenizer.json"))
     (d / "config.json").write_text(json.dumps({"vision_config": {"image_size": 32, "patch_size": 8}, "scale_factor": 2}))
     (d / "preprocessor_config.json").write_text(json.dumps(
         {"max_image_size": {"longest_edge": 32}, "video_sampling": {"fps": 1, "max_frames": 12, "video_size": {"longest_edge": 48}}}))

@@ -10,59 +10,30 @@ from pathlib import Path
 import pytest
 import torch
 
-import adapter as A
+import adapter
 import ask
 import compose
 import data
 import internalize
 import model as M
-import toy_base
-import toyworld
+from toy import world
+from conftest import write_random_base, write_random_hypernet
 from hypernet import HyperConfig, HyperNet, internalize as reference_internalize, load_hypernet, save_hypernet
 
 REPO = Path(__file__).resolve().parent.parent
-TINY_PERCEIVER = dict(latent_size=32, n_latents=4, num_blocks=2, n_heads=4, head_dim=8, n_kv_heads=2, rank=4)
-
-
-def write_base(path: Path, hidden: int, seed: int) -> M.SmolVLMConfig:
-    """A random SmolVLM2 folder (config, safetensors, toy tokenizer, processor configs) with 4 tokens per frame."""
-    tok = toyworld.toy_tokenizer()
-    vision = M.VisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                            patch_size=8, image_size=32)
-    text = M.TextConfig(vocab_size=tok.get_vocab_size(), hidden_size=hidden, intermediate_size=2 * hidden,
-                        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=12,
-                        max_position_embeddings=4096)
-    cfg = M.SmolVLMConfig(vision, text, scale_factor=2, image_token_id=tok.token_to_id("<image>"))
-    torch.manual_seed(seed)
-    vlm = M.SmolVLM(cfg)
-    for p in vlm.parameters():  # norms perturbed too, so the weights fingerprint tells models apart
-        torch.nn.init.normal_(p, std=0.02) if p.dim() > 1 else p.data.add_(torch.randn_like(p) * 0.1)
-    toy_base.write_model_dir(path, cfg, tok, vlm.state_dict())
-    return cfg
-
-
-def write_hypernet(path: Path, cfg: M.SmolVLMConfig, seed: int) -> Path:
-    """Random hypernetwork with scaler_B and bias_B non-zero: at init they are 0 and every adapter would be dW = 0."""
-    torch.manual_seed(seed)
-    net = HyperNet(HyperConfig.for_model(cfg, **TINY_PERCEIVER))
-    for t in net.config.targets:
-        net.scaler_B[t].data.fill_(0.05)
-        net.bias_B[t].data.normal_(0.0, 0.05)
-    save_hypernet(path, net)
-    return path
 
 
 @pytest.fixture(scope="module")
 def w(tmp_path_factory):
     d = tmp_path_factory.mktemp("pipeline")
-    cfg = write_base(d / "base", hidden=48, seed=0)
-    other = write_base(d / "other", hidden=36, seed=1)
-    write_hypernet(d / "hyper", cfg, 0)
-    write_hypernet(d / "hyper2", cfg, 1)            # same base, different hypernetwork
-    write_hypernet(d / "other_hyper", other, 2)     # built for the other base model
+    cfg = write_random_base(d / "base", hidden=48, seed=0)
+    other = write_random_base(d / "other", hidden=36, seed=1)
+    write_random_hypernet(d / "hyper", cfg, 0)
+    write_random_hypernet(d / "hyper2", cfg, 1)            # same base, different hypernetwork
+    write_random_hypernet(d / "other_hyper", other, 2)     # built for the other base model
     # A small 4 s clip (64x48, 8 fps) keeps the Lanczos resize cheap; two objects, one per half.
-    spec = dataclasses.replace(toyworld.clip_spec("train", 3, two_part=True), width=64, height=48, fps=8, n_frames=32)
-    toyworld.write_clip(spec, d / "clip.mp4")
+    spec = dataclasses.replace(world.clip_spec("train", 3, two_part=True), width=64, height=48, fps=8, n_frames=32)
+    world.write_clip(spec, d / "clip.mp4")
     (d / "notvideo.mp4").write_text("this is not a video\n")
     return d
 
@@ -81,20 +52,20 @@ def ask_json(capsys, *argv) -> list[dict]:
 def test_internalize_then_ask(w, capsys):
     out = w / "a.safetensors"
     run_internalize(w, "-o", str(out))
-    ad = A.load(out)
+    ad = adapter.load_adapter(out)
     m = ad.meta
     assert (m["format"], m["format_version"], m["video"], m["rank"], m["generated_rank"]) == \
-        (A.FORMAT, A.VERSION, "clip.mp4", 4, 4)
-    assert m["video_sha256"] == A.sha256_file(w / "clip.mp4") and m["start"] == 0 and m["end"] == pytest.approx(4.0)
-    assert m["hypernet_sha256"] == A.sha256_file(w / "hyper" / "hypernet.safetensors") and m["alpha"] == 128.0
+        (adapter.FORMAT, adapter.VERSION, "clip.mp4", 4, 4)
+    assert m["video_sha256"] == adapter.sha256_file(w / "clip.mp4") and m["start"] == 0 and m["end"] == pytest.approx(4.0)
+    assert m["hypernet_sha256"] == adapter.sha256_file(w / "hyper" / "hypernet.safetensors") and m["alpha"] == 128.0
     assert (m["frames"], m["video_size"], m["frame_side"], m["targets"]) == (12, 32, 32, [["down_proj", 96, 48]])
     assert [s["frames"] for s in m["segments"]] == [4]  # 4 s at 1 fps
 
     # The file holds exactly what the hypernetwork makes of [video + instruction] (hypernet.internalize).
     vlm, proc = M.load_model(w / "base"), data.Processor(w / "base", max_frames=12)
-    net = load_hypernet(w / "hyper", vlm.config)
+    hyper = load_hypernet(w / "hyper", vlm.config)
     ids, pixels = proc.internalization_inputs(w / "clip.mp4")
-    want = reference_internalize(vlm, net, ids, torch.ones_like(ids), pixels)
+    want = reference_internalize(vlm, hyper, ids, torch.ones_like(ids), pixels)
     torch.testing.assert_close(ad.lora()["down_proj"][0], want["down_proj"][0])
     torch.testing.assert_close(ad.lora()["down_proj"][1], want["down_proj"][1])
 
@@ -130,19 +101,19 @@ def test_segments_compose_and_weights(w, capsys):
     run_internalize(w, "--segments", "2", "-o", str(w / "seg.safetensors"))
     run_internalize(w, "--end", "2", "-o", str(w / "p1.safetensors"))
     run_internalize(w, "--start", "2", "-o", str(w / "p2.safetensors"))
-    seg, p1, p2 = (A.load(w / f"{n}.safetensors") for n in ("seg", "p1", "p2"))
+    seg, p1, p2 = (adapter.load_adapter(w / f"{n}.safetensors") for n in ("seg", "p1", "p2"))
     assert [(s["start"], s["end"]) for s in seg.meta["segments"]] == [(0, 2), (2, pytest.approx(4))]
     assert seg.meta["generated_rank"] == 8 and seg.ab["down_proj"][0].shape == (2, 12, 96)
 
     compose.main([str(w / "p1.safetensors"), str(w / "p2.safetensors"), "-o", str(w / "ab.safetensors")])
-    ab = A.load(w / "ab.safetensors")
+    ab = adapter.load_adapter(w / "ab.safetensors")
     for x, y in zip(ab.ab["down_proj"], seg.ab["down_proj"]):  # compose(p1, p2) == --segments 2, row for row
         torch.testing.assert_close(x, y)
 
     # dW of the composition = the parts' generated dW summed + the static dW once (method.md §7), with weights.
     compose.main([str(w / "p1.safetensors"), str(w / "p2.safetensors"), "-o", str(w / "wab.safetensors"),
                   "--weights", "1,0.5", "--bias-weight", "0.25"])
-    wab = A.load(w / "wab.safetensors")
+    wab = adapter.load_adapter(w / "wab.safetensors")
     r = 4
 
     def parts(x, layer):  # (generated dW, static dW) of a one-segment adapter
@@ -165,7 +136,7 @@ def test_several_videos_one_call(w, tmp_path):
     shutil.copy(w / "clip.mp4", tmp_path / "two.mp4")
     internalize.main([str(w / "clip.mp4"), str(tmp_path / "two.mp4"), "-o", str(tmp_path / "out"),
                       "--model", str(w / "base"), "--hypernet", str(w / "hyper"), "--save-dtype", "bf16"])
-    a, b = A.load(tmp_path / "out" / "clip.adapter.safetensors"), A.load(tmp_path / "out" / "two.adapter.safetensors")
+    a, b = adapter.load_adapter(tmp_path / "out" / "clip.adapter.safetensors"), adapter.load_adapter(tmp_path / "out" / "two.adapter.safetensors")
     assert a.ab["down_proj"][0].dtype == torch.bfloat16
     assert torch.equal(a.ab["down_proj"][0], b.ab["down_proj"][0])  # same content, same adapter
 
@@ -194,7 +165,7 @@ def test_peft_export_gives_the_same_logits(w):
     compose.main([str(src), "--to-peft", str(w / "peft")])
     cfg = json.loads((w / "peft" / "adapter_config.json").read_text())
     assert cfg["r"] == cfg["lora_alpha"] == 12
-    ad, vlm = A.load(src), M.load_model(w / "base")
+    ad, vlm = adapter.load_adapter(src), M.load_model(w / "base")
     ids, _ = data.Processor(w / "base").question_inputs("What happens after the square moves?")
     ours = vlm(ids, lora=ad.lora(), lora_alpha=ad.alpha).logits
     hf = SmolVLMForConditionalGeneration.from_pretrained(w / "base").eval()
@@ -219,7 +190,7 @@ def bad(w):
     internalize.main([str(w / "clip.mp4"), "--model", str(w / "other"), "--hypernet", str(w / "other_hyper"),
                       "-o", str(w / "bad_other.safetensors")])
     run_internalize(w, "--hypernet", str(w / "hyper2"), "-o", str(w / "bad_hyper2.safetensors"))
-    write_base(w / "twin", hidden=48, seed=5)  # same config as base, different weights
+    write_random_base(w / "twin", hidden=48, seed=5)  # same config as base, different weights
     raw = bytearray(good.read_bytes())
     raw[-3] ^= 0x40
     (w / "bad_flipped.safetensors").write_bytes(bytes(raw))

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 import data
-import hypernet as H
+from hypernet import load_hypernet
 import model as M
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -32,8 +32,8 @@ def test_shipped_base_loads_in_transformers_with_equal_logits():
 
 def test_shipped_hypernet_fits_the_shipped_base():
     base = M.load_model(M.TINY_DIR)
-    net = H.load_hypernet(M.TINY_DIR.parent / "hypernet", base.config)
-    assert net.config.targets == ("down_proj",) and net.config.num_layers == base.config.text.num_hidden_layers
+    hyper = load_hypernet(M.TINY_DIR.parent / "hypernet", base.config)
+    assert hyper.config.targets == ("down_proj",) and hyper.config.num_layers == base.config.text.num_hidden_layers
 
 
 def _quick_start_blocks() -> tuple[str, str]:

@@ -1,9 +1,9 @@
-"""toy_base.py: the stage-1 patch targets and the two-stage training of the toy base VLM, at toy scale."""
+"""toy/base.py: the stage-1 patch targets and the two-stage training of the toy base VLM, at toy scale."""
 from __future__ import annotations
 
 import json
 import random
-import re
+import tomllib
 
 import pytest
 import torch
@@ -11,12 +11,13 @@ from safetensors.torch import load_file
 
 import data
 import model as M
-import toy_base
-import toyworld as T
+from toy import base as toy_base
+from toy import world
+from conftest import toy_random_base
 
 
 def _obj(color="red", shape="square", size=16, x=0.0, y=0.0, direction="right"):
-    return T.ObjectSpec(color, T.COLORS[color], shape, size, x, y, direction, 0.25)
+    return world.ObjectSpec(color, world.COLORS[color], shape, size, x, y, direction, 0.25)
 
 
 def _grid(labels, channel):
@@ -25,12 +26,12 @@ def _grid(labels, channel):
 
 def test_patch_targets_mark_the_patches_an_object_covers():
     # A 16 px square at (16, 8) of a 64 x 64 frame covers patches rows 1-2, columns 2-3 exactly.
-    spec = T.ClipSpec(64, 64, 4, 8, (_obj("green", "square", 16, 16.0, 8.0),))
+    spec = world.ClipSpec(64, 64, 4, 8, (_obj("green", "square", 16, 16.0, 8.0),))
     labels = toy_base.patch_targets(spec, 0, 8)
     covered = {(r, c) for r in range(8) for c in range(8) if _grid(labels, 0)[r][c]}
     assert covered == {(1, 2), (1, 3), (2, 2), (2, 3)}
-    assert {labels[r * 8 + c, 0].item() for r, c in covered} == {1 + list(T.COLORS).index("green")}
-    assert {labels[r * 8 + c, 1].item() for r, c in covered} == {1 + T.SHAPES.index("square")}
+    assert {labels[r * 8 + c, 0].item() for r, c in covered} == {1 + list(world.COLORS).index("green")}
+    assert {labels[r * 8 + c, 1].item() for r, c in covered} == {1 + world.SHAPES.index("square")}
     # It moves right by 0.25 * 64 = 16 px over the clip: two patch columns at the last frame.
     last = toy_base.patch_targets(spec, 7, 8)
     assert {(r, c) for r in range(8) for c in range(8) if _grid(last, 1)[r][c]} == {(1, 4), (1, 5), (2, 4), (2, 5)}
@@ -39,23 +40,23 @@ def test_patch_targets_mark_the_patches_an_object_covers():
 def test_patch_targets_follow_the_squash_to_a_square():
     # A 128 x 64 frame is squashed to 64 x 64: a 16 px square at x = 32 covers patch columns 2 only (16 frame px
     # are 8 encoder px) and rows 0-1 (16 frame px are 16 encoder px).
-    spec = T.ClipSpec(128, 64, 4, 8, (_obj("blue", "square", 16, 32.0, 0.0),))
+    spec = world.ClipSpec(128, 64, 4, 8, (_obj("blue", "square", 16, 32.0, 0.0),))
     labels = toy_base.patch_targets(spec, 0, 8)
     assert {(r, c) for r in range(8) for c in range(8) if _grid(labels, 1)[r][c]} == {(0, 2), (1, 2)}
 
 
 def test_patch_targets_occlusion_thresholds_and_two_part_visibility():
     a, b = _obj("red", "square", 16, 0.0, 0.0), _obj("yellow", "circle", 16, 0.0, 0.0)
-    on_top = toy_base.patch_targets(T.ClipSpec(64, 64, 4, 8, (a, b)), 0, 8)
-    assert on_top[0, 1].item() == 1 + T.SHAPES.index("circle")  # painted later, wins where both are drawn
+    on_top = toy_base.patch_targets(world.ClipSpec(64, 64, 4, 8, (a, b)), 0, 8)
+    assert on_top[0, 1].item() == 1 + world.SHAPES.index("circle")  # painted later, wins where both are drawn
     # At (7.5, 4.5) the square covers 3 of patch 0's 64 pixels (under a tenth) and 24 of patch 1's.
-    sliver = toy_base.patch_targets(T.ClipSpec(64, 64, 4, 8, (_obj("red", "square", 16, 7.5, 4.5),)), 0, 8)
-    assert sliver[0, 1].item() == 0 and sliver[1, 1].item() == 1 + T.SHAPES.index("square")
-    two_part = T.ClipSpec(64, 64, 4, 8, (_obj("red", "square", 16, 0.0, 0.0), _obj("blue", "triangle", 16, 32.0, 32.0)),
+    sliver = toy_base.patch_targets(world.ClipSpec(64, 64, 4, 8, (_obj("red", "square", 16, 7.5, 4.5),)), 0, 8)
+    assert sliver[0, 1].item() == 0 and sliver[1, 1].item() == 1 + world.SHAPES.index("square")
+    two_part = world.ClipSpec(64, 64, 4, 8, (_obj("red", "square", 16, 0.0, 0.0), _obj("blue", "triangle", 16, 32.0, 32.0)),
                           two_part=True)
     first, second = toy_base.patch_targets(two_part, 0, 8), toy_base.patch_targets(two_part, 7, 8)
-    assert set(first[:, 1].tolist()) == {0, 1 + T.SHAPES.index("square")}
-    assert set(second[:, 1].tolist()) == {0, 1 + T.SHAPES.index("triangle")}
+    assert set(first[:, 1].tolist()) == {0, 1 + world.SHAPES.index("square")}
+    assert set(second[:, 1].tolist()) == {0, 1 + world.SHAPES.index("triangle")}
 
 
 def _cells(row, grid=4):
@@ -64,8 +65,8 @@ def _cells(row, grid=4):
 
 def test_motion_targets_label_an_objects_tokens_once_its_motion_is_on_screen():
     # A 16 px square at (16, 16) moving right by 16 px over 8 frames; 16 px token cells (8 px patches, shuffle 2).
-    spec = T.ClipSpec(64, 64, 4, 8, (_obj("green", "square", 16, 16.0, 16.0, "right"),))
-    right = list(T.DIRECTIONS).index("right")
+    spec = world.ClipSpec(64, 64, 4, 8, (_obj("green", "square", 16, 16.0, 16.0, "right"),))
+    right = list(world.DIRECTIONS).index("right")
     motion = toy_base.motion_targets(spec, [0, 3, 7], 4)
     assert motion.shape == (3, 16)
     assert _cells(motion[0]) == {}  # the first frame shows no motion yet
@@ -75,9 +76,9 @@ def test_motion_targets_label_an_objects_tokens_once_its_motion_is_on_screen():
 
 def test_motion_targets_start_each_part_of_a_two_part_clip_at_its_own_first_frame():
     a, b = _obj("red", "square", 16, 0.0, 0.0, "down"), _obj("blue", "circle", 16, 32.0, 32.0, "left")
-    spec = T.ClipSpec(64, 64, 4, 8, (a, b), two_part=True)  # a in frames 0-3, b in frames 4-7
+    spec = world.ClipSpec(64, 64, 4, 8, (a, b), two_part=True)  # a in frames 0-3, b in frames 4-7
     motion = toy_base.motion_targets(spec, [0, 2, 4, 6], 4)
-    down, left = list(T.DIRECTIONS).index("down"), list(T.DIRECTIONS).index("left")
+    down, left = list(world.DIRECTIONS).index("down"), list(world.DIRECTIONS).index("left")
     assert _cells(motion[0]) == {} and _cells(motion[2]) == {}  # each object's first sampled frame
     assert set(_cells(motion[1]).values()) == {down}
     assert set(_cells(motion[3]).values()) == {left}
@@ -85,86 +86,49 @@ def test_motion_targets_start_each_part_of_a_two_part_clip_at_its_own_first_fram
 
 def test_shape_targets_label_every_token_an_object_covers_with_its_shape():
     a, b = _obj("red", "triangle", 16, 0.0, 0.0, "right"), _obj("blue", "circle", 16, 48.0, 48.0, "left")
-    spec = T.ClipSpec(64, 64, 4, 8, (a, b))
+    spec = world.ClipSpec(64, 64, 4, 8, (a, b))
     shape = toy_base.shape_targets(spec, [0, 7], 4)
-    tri, circ = T.SHAPES.index("triangle"), T.SHAPES.index("circle")
+    tri, circ = world.SHAPES.index("triangle"), world.SHAPES.index("circle")
     assert shape.shape == (2, 16)
     owners = toy_base.patch_owners(spec, 0, 4)
     assert _cells(shape[0]) == {(j // 4, j % 4): [tri, circ][k] for j, k in enumerate(owners.tolist()) if k >= 0}
     assert set(_cells(shape[0]).values()) == {tri, circ} and (0, 0) in _cells(shape[0])  # from the first frame on
 
 
-def test_clean_turns_never_let_an_answer_be_read_off_an_earlier_turn():
-    rng, kinds_seen = random.Random(0), set()
-    for index in range(60):
-        spec = T.clip_spec("train", index)
-        examples = [{"row": {"id": f"c{index}_q{j}", "kind": kind, "prompt": prompt, "target_text": answer,
-                             "spec": spec.to_dict()}} for j, (kind, prompt, answer) in enumerate(T.questions(spec))]
-        for _ in range(5):
-            turns = [ex["row"] for ex in toy_base.clean_turns(examples, rng, caption_p=0.3)]
-            kinds = [t["kind"] for t in turns]
-            kinds_seen.add(tuple(kinds))
-            if "caption" in kinds:
-                assert kinds == ["caption"]  # it names every answer: always alone
-                continue
-            assert len(set(t["id"] for t in turns)) == len(turns) and "count" not in kinds[1:]
-            assert kinds.count("direction") == len(spec.objects)
-            assert kinds.count("color") + kinds.count("shape") == len(spec.objects)  # one of the two per object
-            for i, t in enumerate(turns):
-                if t["kind"] in ("color", "shape"):
-                    earlier = " ".join(u["prompt"] + " " + u["target_text"] for u in turns[:i])
-                    assert t["target_text"] not in re.findall("[a-z]+", earlier.lower()), (t, turns)
-            assert kinds.index("direction") > max(i for i, k in enumerate(kinds) if k in ("color", "shape"))
-    assert any(k == ("caption",) for k in kinds_seen) and len(kinds_seen) > 5
-
-
-def random_base(folder=None):
-    """The toy base's architecture, initialised as toy_base does (seed 0), untrained; written to `folder` in the HF
-    layout when one is given. -> (net, config, tokenizer)."""
-    tok = T.toy_tokenizer()
-    config = toy_base.toy_config(tok.get_vocab_size(), tok.token_to_id("<image>"))
-    torch.manual_seed(0)
-    net = M.SmolVLM(config)
-    toy_base.init_weights(net)
-    if folder is not None:
-        toy_base.write_model_dir(folder, config, tok, net.state_dict())
-    return net, config, tok
-
-
 def test_the_dense_losses_read_the_residual_stream_after_motion_layer_layers(tmp_path):
     # Their gradient reaches the image features and the layers before the tap, and none after it.
-    net, config, tok = random_base()
+    vlm, config, tok = toy_random_base()
     image = config.image_token_id
     ids = [tok.token_to_id("<|im_start|>")] + [image] * 32 + tok.encode(" What").ids
     ex = {"ids": ids, "labels": [-100] * len(ids), "pixels": torch.randn(2, 3, 64, 64),
           "motion": torch.randint(0, 4, (2, 16)), "shape": torch.randint(0, 3, (2, 16)).masked_fill_(
               torch.arange(16) % 3 == 0, -100)}
     heads = {"motion": torch.nn.Linear(config.text.hidden_size, 4), "shape": torch.nn.Linear(config.text.hidden_size, 3)}
-    answer, dense = toy_base.batch_loss(net, [ex, ex], tok.token_to_id("<|im_end|>"), heads, layer=2)
+    answer, dense = toy_base.batch_loss(vlm, [ex, ex], tok.token_to_id("<|im_end|>"), heads)
     assert set(dense) == {"motion", "shape"} and all(torch.isfinite(v) and v.item() > 0 for v in dense.values())
     # Each head's loss is the CE of its own classes on its labelled tokens (background -100 ignored).
     with torch.no_grad():
-        h = net(torch.tensor([ex["ids"]] * 2), torch.cat([ex["pixels"]] * 2), output_hidden_states=True).hidden_states[2]
+        h = vlm(torch.tensor([ex["ids"]] * 2), torch.cat([ex["pixels"]] * 2), output_hidden_states=True).hidden_states[2]
         tokens = h[torch.tensor([ex["ids"]] * 2) == image]
         want = torch.nn.functional.cross_entropy(heads["shape"](tokens), torch.cat([ex["shape"].flatten()] * 2))
     assert dense["shape"].item() == pytest.approx(want.item(), rel=1e-5)
     dense["motion"].backward()
-    layers = net.model.text_model.layers
+    layers = vlm.model.text_model.layers
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in layers[1].parameters())
     assert all(p.grad is None for p in (*layers[2].parameters(), *layers[3].parameters()))
-    assert net.model.connector.modality_projection.proj.weight.grad.abs().sum() > 0
-    assert toy_base.batch_loss(net, [ex], 0)[1] == {}  # no heads: no dense losses
+    assert vlm.model.connector.modality_projection.proj.weight.grad.abs().sum() > 0
+    assert toy_base.batch_loss(vlm, [ex], 0)[1] == {}  # no heads: no dense losses
 
 
 @pytest.fixture(scope="module")
 def clips(tmp_path_factory):
     root = tmp_path_factory.mktemp("toy")
-    return (T.write_split("train", 6, root / "train", progress=False),
-            T.write_split("heldout", 2, root / "heldout", progress=False))
+    return (world.write_split("train", 6, root / "train", progress=False),
+            world.write_split("heldout", 2, root / "heldout", progress=False))
 
 
 def test_load_examples_decodes_in_parallel_to_the_same_examples(clips, tmp_path):
-    tok = T.toy_tokenizer()
+    tok = world.toy_tokenizer()
     config = toy_base.toy_config(tok.get_vocab_size(), tok.token_to_id("<image>"))
     toy_base.write_model_dir(tmp_path / "m", config, tok, M.SmolVLM(config).state_dict())
     proc = data.Processor(tmp_path / "m")
@@ -179,54 +143,27 @@ def test_load_examples_decodes_in_parallel_to_the_same_examples(clips, tmp_path)
     assert all(ex["pixels"] is clip[0]["pixels"] for ex in clip)  # one tensor per clip, shared by its questions
 
 
-def test_branched_questions_train_exactly_what_each_question_alone_would(clips, tmp_path):
-    """--chat branched: two clips' questions, each clip's packed as branches after its one video prefix, give the answer
-    loss (mean over every answer token) of all of their questions asked one at a time, as at inference."""
-    net, _, _ = random_base(tmp_path / "m")
+def test_branched_questions_train_the_plain_mean_of_each_answer_asked_alone(clips, tmp_path):
+    """Two clips' questions, each clip's as branches after its one video prefix, give the loss of all of their
+    questions asked one at a time, as at inference: the plain mean over the questions of each answer's own mean token
+    loss, so a one-word answer weighs what the caption does."""
+    vlm, _, _ = toy_random_base(tmp_path / "m")
     proc = data.Processor(tmp_path / "m")
     examples = toy_base.load_examples(clips[0], proc, limit=2)
     by_clip = [[ex for ex in examples if ex["row"]["clip_id"] == c] for c in ("train_00000", "train_00001")]
-    rng = random.Random(0)
-    branched = [toy_base.conversation(proc, qs, rng, "branched") for qs in by_clip]
+    branched = [toy_base.branches(qs, random.Random(0)) for qs in by_clip]
     assert all(len(qs) > 2 for qs in by_clip) and len(branched[0]["ids"]) != len(branched[1]["ids"])  # padded
     assert [sum(1 for x in b["labels"] if x != -100) for b in branched] == \
         [sum(len(ex["tail"]) for ex in qs) for qs in by_clip]
     alone = [{"ids": ex["head"] + ex["tail"], "labels": [-100] * len(ex["head"]) + ex["tail"], "pixels": ex["pixels"]}
              for qs in by_clip for ex in qs]
-    with torch.no_grad():
-        got, _ = toy_base.batch_loss(net, branched, proc.pad_id)
-        want, _ = toy_base.batch_loss(net, alone, proc.pad_id)
-        packed, _ = toy_base.batch_loss(net, [toy_base.conversation(proc, qs, rng, "packed") for qs in by_clip],
-                                        proc.pad_id)
-    assert got.item() == pytest.approx(want.item(), rel=1e-5)
-    assert {"branch" in toy_base.conversation(proc, by_clip[0], rng, "mixed") for _ in range(20)} == {True, False}
-    # --chat mixed puts both kinds in one batch: each is computed as it would be alone (a token-weighted mean).
-    chats = [branched[0], toy_base.conversation(proc, by_clip[1], rng, "packed")]
-    n = [sum(1 for x in c["labels"][1:] if x != -100) for c in chats]
-    with torch.no_grad():
-        mixed, _ = toy_base.batch_loss(net, chats, proc.pad_id)
-        each = [toy_base.batch_loss(net, [c], proc.pad_id)[0].item() for c in chats]
-    assert mixed.item() == pytest.approx((n[0] * each[0] + n[1] * each[1]) / sum(n), rel=1e-5)
-    assert packed.item() != pytest.approx(want.item(), rel=1e-3)  # the multi-turn chat lets turns see each other
-
-
-def test_loss_per_answer_weighs_every_answer_alike(clips, tmp_path):
-    """--loss-per answer: the branched loss is the plain mean, over the questions asked one at a time, of each
-    answer's own mean token loss, so a one-word answer weighs what the caption does; per token it is not."""
-    net, _, _ = random_base(tmp_path / "m")
-    proc = data.Processor(tmp_path / "m")
-    examples = toy_base.load_examples(clips[0], proc, limit=2)
-    by_clip = [[ex for ex in examples if ex["row"]["clip_id"] == c] for c in ("train_00000", "train_00001")]
-    branched = [toy_base.conversation(proc, qs, random.Random(0), "branched") for qs in by_clip]
-    alone = [{"ids": ex["head"] + ex["tail"], "labels": [-100] * len(ex["head"]) + ex["tail"], "pixels": ex["pixels"]}
-             for qs in by_clip for ex in qs]
     assert len({len(ex["tail"]) for qs in by_clip for ex in qs}) > 1  # answers of different lengths
     with torch.no_grad():
-        got, _ = toy_base.batch_loss(net, branched, proc.pad_id, per="answer")
-        each = [toy_base.batch_loss(net, [a], proc.pad_id)[0].item() for a in alone]
-        per_token, _ = toy_base.batch_loss(net, branched, proc.pad_id)
+        got, _ = toy_base.batch_loss(vlm, branched, proc.pad_id)
+        each = [toy_base.batch_loss(vlm, [a], proc.pad_id)[0].item() for a in alone]
+        batched, _ = toy_base.batch_loss(vlm, alone, proc.pad_id)
     assert got.item() == pytest.approx(sum(each) / len(each), rel=1e-5)
-    assert per_token.item() != pytest.approx(got.item(), rel=1e-3)
+    assert batched.item() == pytest.approx(got.item(), rel=1e-5)
     labels = torch.tensor([[-100, 5, 6, -100, 7], [8, -100, -100, 9, 9]])
     assert toy_base.answer_weights(labels, n=8).tolist()[0] == [0, 1 / 16, 1 / 16, 0, 1 / 8]  # one part of 8 answers
     assert toy_base.answer_weights(labels).tolist() == [[0, 1 / 8, 1 / 8, 0, 1 / 4], [1 / 4, 0, 0, 1 / 8, 1 / 8]]
@@ -235,7 +172,7 @@ def test_loss_per_answer_weighs_every_answer_alike(clips, tmp_path):
 def test_a_batch_in_length_sorted_chunks_has_the_same_losses(clips, tmp_path):
     """--chunks: the step's batch runs as forward passes over clips of similar length, each padded to its own
     longest; every loss (per answer, per token, each dense head) and its gradient equal the one-pass batch's."""
-    net, config, _ = random_base(tmp_path / "m")
+    vlm, config, _ = toy_random_base(tmp_path / "m")
     proc = data.Processor(tmp_path / "m")
     examples = toy_base.load_examples(clips[0], proc, limit=3)
     by_clip = {}
@@ -243,26 +180,25 @@ def test_a_batch_in_length_sorted_chunks_has_the_same_losses(clips, tmp_path):
         by_clip.setdefault(ex["row"]["clip_id"], []).append(ex)
     grid = config.vision.image_size // config.vision.patch_size // config.scale_factor
     for qs in by_clip.values():
-        spec = T.ClipSpec.from_dict(qs[0]["row"]["spec"])
+        spec = world.ClipSpec.from_dict(qs[0]["row"]["spec"])
         for ex in qs:
             ex["motion"] = toy_base.motion_targets(spec, qs[0]["indices"], grid)
             ex["shape"] = toy_base.shape_targets(spec, qs[0]["indices"], grid)
-    batch = [toy_base.conversation(proc, qs, random.Random(i), "branched") for i, qs in enumerate(by_clip.values())]
+    batch = [toy_base.branches(qs, random.Random(i)) for i, qs in enumerate(by_clip.values())]
     assert len({len(ex["ids"]) for ex in batch}) == 3  # different lengths: the chunks pad differently
-    heads = {"motion": torch.nn.Linear(config.text.hidden_size, len(T.DIRECTIONS)),
-             "shape": torch.nn.Linear(config.text.hidden_size, len(T.SHAPES))}
-    for per in ("answer", "token"):
-        results = []
-        for chunks in (1, 2, 3):
-            net.zero_grad()
-            answer, dense = toy_base.batch_loss(net, batch, proc.pad_id, heads, per=per, chunks=chunks)
-            (answer + sum(dense.values())).backward()
-            results.append((answer.item(), {k: v.item() for k, v in dense.items()},
-                            net.model.text_model.layers[0].mlp.down_proj.weight.grad.clone()))
-        for answer, dense, grad in results[1:]:
-            assert answer == pytest.approx(results[0][0], rel=1e-5)
-            assert dense == pytest.approx(results[0][1], rel=1e-5)
-            torch.testing.assert_close(grad, results[0][2], atol=1e-6, rtol=1e-4)
+    heads = {"motion": torch.nn.Linear(config.text.hidden_size, len(world.DIRECTIONS)),
+             "shape": torch.nn.Linear(config.text.hidden_size, len(world.SHAPES))}
+    results = []
+    for chunks in (1, 2, 3):
+        vlm.zero_grad()
+        answer, dense = toy_base.batch_loss(vlm, batch, proc.pad_id, heads, chunks=chunks)
+        (answer + sum(dense.values())).backward()
+        results.append((answer.item(), {k: v.item() for k, v in dense.items()},
+                        vlm.model.text_model.layers[0].mlp.down_proj.weight.grad.clone()))
+    for answer, dense, grad in results[1:]:
+        assert answer == pytest.approx(results[0][0], rel=1e-5)
+        assert dense == pytest.approx(results[0][1], rel=1e-5)
+        torch.testing.assert_close(grad, results[0][2], atol=1e-6, rtol=1e-4)
 
 
 def _train(clips, out, steps):
@@ -293,41 +229,40 @@ def test_two_stage_training_writes_a_loadable_model_and_stage_2_leaves_the_tower
     assert set(report["heldout_in_context_accuracy"]) >= {"color", "shape", "count", "overall"}
 
 
-def test_motion_objective_is_on_by_default_and_a_bad_motion_layer_is_a_one_line_error(clips, tmp_path, capsys):
+def test_defaults_come_from_the_shipped_recipe_and_a_bad_recipe_is_a_one_line_error(clips, tmp_path):
     threads = torch.get_num_threads()
     try:
         toy_base.main(["--train", str(clips[0]), "--val", str(clips[1]), "--out", str(tmp_path / "m"), "--steps",
                        "2", "--batch", "2", "--vision-steps", "2", "--vision-batch", "4", "--val-clips", "2",
-                       "--minutes", "0", "--threads", "1", "--motion-layer", "1"])
+                       "--minutes", "0", "--threads", "1"])
         assert M.load_model(tmp_path / "m").config.text.num_hidden_layers == 4
         args = json.loads((tmp_path / "m" / "training.json").read_text())["args"]
-        assert args["motion_weight"] == 1.0 and args["shape_weight"] == 1.0 and args["loss_per"] == "answer"
-        assert args["chat"] == "branched" and args["gist"] is True  # the shipped base's recipe
-        for bad in ("0", "4"):
+        recipe = tomllib.loads(toy_base.RECIPE.read_text())
+        assert args["motion_weight"] == recipe["motion_weight"] == 1.0 and args["lr"] == recipe["lr"]
+        assert args["steps"] == 2 and recipe["steps"] == 2400  # the command line overrides the recipe
+        for text, match in (("lr = 'fast'\n", "lr = 'fast' is not a valid --lr"), ("chat = 'packed'\n", "unknown option"),
+                            ("steps = \n", "recipe"), ("seed = 0\n", "sets no --vision-steps")):
+            (tmp_path / "bad.toml").write_text(text)
             with pytest.raises(SystemExit) as e:
                 toy_base.main(["--train", str(clips[0]), "--val", str(clips[1]), "--out", str(tmp_path / "x"),
-                               "--motion-weight", "1", "--motion-layer", bad])
-            assert "--motion-layer" in str(e.value) and "\n" not in str(e.value)
-        with pytest.raises(SystemExit) as e:  # the gist is a branch: a packed chat has none
-            toy_base.main(["--train", str(clips[0]), "--val", str(clips[1]), "--out", str(tmp_path / "x"),
-                           "--chat", "packed", "--gist"])
-        assert "--gist needs --chat branched" in str(e.value) and "\n" not in str(e.value)
+                               "--recipe", str(tmp_path / "bad.toml")])
+            assert str(e.value).startswith("error: ") and match in str(e.value) and "\n" not in str(e.value)
         assert not (tmp_path / "x").exists()
     finally:
         torch.set_num_threads(threads)
 
 
 def test_gist_branch_is_the_internalization_prompt_and_its_caption_sees_no_video(clips, tmp_path):
-    """--gist adds one branch per clip: the instruction exactly as internalize.py renders it after the video (the
+    """The gist is one more branch per clip: the instruction exactly as internalize.py renders it after the video (the
     positions the hypernetwork reads), then "Assistant:" and the caption, whose tokens see the instruction and the
     text a text-only prompt also starts with, never the video; the question branches compute what they did without
     it."""
-    net, _, _ = random_base(tmp_path / "m")
+    vlm, _, _ = toy_random_base(tmp_path / "m")
     proc = data.Processor(tmp_path / "m")
     qs = [ex for ex in toy_base.load_examples(clips[0], proc, limit=1)]
-    plain = toy_base.conversation(proc, qs, random.Random(0), "branched")
+    plain = toy_base.branches(qs, random.Random(0))
     qs[0]["gist"] = toy_base.gist_branch(proc, qs)
-    gist = toy_base.conversation(proc, qs, random.Random(0), "branched")
+    gist = toy_base.branches(qs, random.Random(0))
     context = proc.internalization_inputs(qs[0]["row"]["video_path"])[0][0].tolist()
     seg, n = torch.tensor(gist["branch"]), len(plain["ids"])
     instr, caption = (seg == len(qs) + 1).nonzero().flatten(), (seg == len(qs) + 2).nonzero().flatten()
@@ -346,7 +281,7 @@ def test_gist_branch_is_the_internalization_prompt_and_its_caption_sees_no_video
                                                                                    (seg[:instr[-1] + 1] == seg[instr[-1]])]).all()
     pixels = torch.cat([qs[0]["pixels"]])
     with torch.no_grad():
-        a = net(torch.tensor([plain["ids"]]), pixels, toy_base.branch_mask([plain])[0],
+        a = vlm(torch.tensor([plain["ids"]]), pixels, toy_base.branch_mask([plain])[0],
                 position_ids=torch.tensor([plain["positions"]])).logits
-        b = net(torch.tensor([gist["ids"]]), pixels, mask, position_ids=torch.tensor([gist["positions"]])).logits
+        b = vlm(torch.tensor([gist["ids"]]), pixels, mask, position_ids=torch.tensor([gist["positions"]])).logits
     assert torch.allclose(a[0], b[0, :n], atol=1e-5)

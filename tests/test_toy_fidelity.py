@@ -1,4 +1,4 @@
-"""benchmarks/fidelity.py: the paired bootstrap and its verdicts, and one small run of the whole protocol on the
+"""toy/fidelity.py: the paired bootstrap and its verdicts, and one small run of the whole protocol on the
 shipped toy checkpoints (clips written on the fly, every condition and the composition table reported)."""
 import json
 import sys
@@ -6,8 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
-import fidelity as F  # noqa: E402
+from toy import fidelity as F
 
 
 def test_paired_ci_is_the_paired_difference_with_a_bootstrap_interval():
@@ -46,16 +45,16 @@ def test_fidelity_runs_the_protocol_end_to_end(tmp_path, capsys):
 
 
 def test_subject_is_the_object_a_question_names():
-    spec = F.toyworld.clip_spec("heldout", 0, two_part=True)
-    for kind, prompt, answer in F.toyworld.questions(spec):
+    spec = F.world.clip_spec("heldout", 0, two_part=True)
+    for kind, prompt, answer in F.world.questions(spec):
         if kind in ("color", "shape", "direction"):
             o = spec.objects[F.subject(spec, prompt)]
             assert answer == {"color": o.color, "shape": o.shape, "direction": o.direction}[kind]
 
 
 def test_by_range_bins_partition_every_spec_range_and_score_each_bin():
-    import toyworld
-    specs = [toyworld.sample_clip(seed) for seed in range(300)]
+    from toy import world
+    specs = [world.sample_clip(seed) for seed in range(300)]
     rng = np.random.default_rng(0)
     hits = {"in context": rng.random(300) < 0.9, "adapter": rng.random(300) < 0.5}
     table, result = F.by_range(specs, hits)

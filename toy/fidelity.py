@@ -1,7 +1,7 @@
 """The toy world's fidelity benchmark (toyworld.md): does an adapter answer as well as the video in context?
 
-    python benchmarks/fidelity.py                          # shipped tiny base + hypernet, 200 held-out clips
-    python benchmarks/fidelity.py --ablation runs/toy-captions/best   # adds the caption-only hypernetwork
+    python -m toy.fidelity                          # shipped tiny base + hypernet, 200 held-out clips
+    python -m toy.fidelity --ablation runs/toy-captions/best   # adds the caption-only hypernetwork
 
 Conditions, on the same questions: (1) in context: the base model sees the video; (2) adapter: zero visual
 tokens, the clip's generated LoRA; controls: (3) text only, no adapter; (4) the adapter of a *different* clip.
@@ -21,13 +21,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-import data  # noqa: E402
-import hypernet as H  # noqa: E402
-import model as M  # noqa: E402
-import toyworld  # noqa: E402
-import adapter as AD  # noqa: E402
+import data
+import model as M
+from adapter import adapter_from_lora, base_facts, concat_adapters
+from hypernet import internalize, load_hypernet
+from toy import world
 
 CHANCE = {"color": 1 / 4, "shape": 1 / 3, "direction": 1 / 4, "count": 1 / 2}
 QA_KINDS = tuple(CHANCE)
@@ -41,21 +39,21 @@ def clips_of(manifest: Path, n: int, proc: data.Processor) -> list[dict]:
         if row["clip_id"] not in clips:
             if len(clips) == n:
                 break
-            spec = toyworld.ClipSpec.from_dict(row["spec"])
+            spec = world.ClipSpec.from_dict(row["spec"])
             clips[row["clip_id"]] = {"path": row["video_path"], "spec": spec, "questions": [],
                                      "clip": proc.load_video(row["video_path"])}
         clips[row["clip_id"]]["questions"].append((row["kind"], row["prompt"], row["target_text"]))
     return list(clips.values())
 
 
-def adapters(vlm, net, proc, videos: list, batch: int = 16) -> list[dict]:
+def adapters(vlm, hyper, proc, videos: list, batch: int = 16) -> list[dict]:
     """One adapter per video (a Clip): {target: (A (L, 2r, d_in), B (L, 2r, d_out))}."""
     out = []
     for i in range(0, len(videos), batch):
         inputs = [proc.internalization_inputs(v) for v in videos[i:i + batch]]
         ids, mask = data.pad_batch([x[0][0] for x in inputs], proc.pad_id, side="left")
         with torch.no_grad():
-            lora = H.internalize(vlm, net, ids, mask, torch.cat([x[1] for x in inputs]))
+            lora = internalize(vlm, hyper, ids, mask, torch.cat([x[1] for x in inputs]))
         out += [{t: (A[b], B[b]) for t, (A, B) in lora.items()} for b in range(ids.shape[0])]
     return out
 
@@ -78,17 +76,17 @@ def answers(vlm, proc, items: list[tuple], alpha: float, batch: int = 64) -> lis
     return texts
 
 
-def compose(parts: list[dict], net, facts: dict) -> dict:
+def compose(parts: list[dict], hyper, facts: dict) -> dict:
     """adapter.concat, the code compose.py runs: generated ranks side by side, the static part once."""
-    meta = {**facts, "hypernet_sha256": "benchmark", "alpha": net.config.alpha, "targets": list(net.config.targets)}
-    ads = [AD.from_lora({t: (a[None], b[None]) for t, (a, b) in p.items()}, net.config.rank,
+    meta = {**facts, "hypernet_sha256": "benchmark", "alpha": hyper.config.alpha, "targets": list(hyper.config.targets)}
+    ads = [adapter_from_lora({t: (a[None], b[None]) for t, (a, b) in p.items()}, hyper.config.rank,
                         {**meta, "segments": [{"video": f"part{i}", "video_sha256": "", "start": i, "end": i + 1}]})
            for i, p in enumerate(parts)]
-    return AD.concat(ads).ab
+    return concat_adapters(ads).ab
 
 
 def score(conditions: dict[str, list[tuple]], expected: list[str], vlm, proc, alpha) -> dict[str, np.ndarray]:
-    return {name: np.array([toyworld.score(a, e) for a, e in zip(answers(vlm, proc, items, alpha), expected)])
+    return {name: np.array([world.score(a, e) for a, e in zip(answers(vlm, proc, items, alpha), expected)])
             for name, items in conditions.items()}
 
 
@@ -100,8 +98,8 @@ def paired_ci(a: np.ndarray, b: np.ndarray, n_boot: int = 4000, seed: int = 0) -
     return float(d.mean()), float(np.percentile(boots, 2.5)), float(np.percentile(boots, 97.5))
 
 
-def fidelity(vlm, net, proc, clips, delta: float, ablation=None) -> tuple[str, dict]:
-    own = adapters(vlm, net, proc, [c["clip"] for c in clips])
+def fidelity(vlm, hyper, proc, clips, delta: float, ablation=None) -> tuple[str, dict]:
+    own = adapters(vlm, hyper, proc, [c["clip"] for c in clips])
     qs = [(kind, q, a, i) for i, c in enumerate(clips) for kind, q, a in c["questions"]]
     other = lambda i: own[(i + 1) % len(own)]  # noqa: E731  the next clip's adapter: a different video
     conditions = {"in context": [(q, clips[i]["clip"], None) for _, q, _, i in qs],
@@ -111,7 +109,7 @@ def fidelity(vlm, net, proc, clips, delta: float, ablation=None) -> tuple[str, d
     if ablation is not None:
         abl = adapters(vlm, ablation, proc, [c["clip"] for c in clips])
         conditions["caption-only hypernet"] = [(q, None, abl[i]) for _, q, _, i in qs]
-    hits = score(conditions, [a for _, _, a, _ in qs], vlm, proc, net.config.alpha)
+    hits = score(conditions, [a for _, _, a, _ in qs], vlm, proc, hyper.config.alpha)
     kinds = np.array([k for k, *_ in qs])
     qa = np.isin(kinds, QA_KINDS)
     names = list(conditions)
@@ -145,7 +143,7 @@ RANGES = {"shorter side (px)": (lambda s: min(s.width, s.height), [(32, 96), (96
           "objects": (lambda s: len(s.objects), [(1, 1), (2, 2)])}
 
 
-def by_range(specs: list[toyworld.ClipSpec], hits: dict[str, np.ndarray]) -> tuple[str, dict]:
+def by_range(specs: list[world.ClipSpec], hits: dict[str, np.ndarray]) -> tuple[str, dict]:
     """Accuracy per bin of each spec range; specs and each condition's hits: one per question."""
     names = list(hits)
     lines = [f"| clips by | bin | questions | {' | '.join(names)} |", "|---" * (len(names) + 3) + "|"]
@@ -163,7 +161,7 @@ def by_range(specs: list[toyworld.ClipSpec], hits: dict[str, np.ndarray]) -> tup
     return "\n".join(lines), result
 
 
-def subject(spec: toyworld.ClipSpec, prompt: str) -> int:
+def subject(spec: world.ClipSpec, prompt: str) -> int:
     """The object a colour / shape / direction question is about: the one whose shape or colour it names (the two
     objects of a clip differ in both)."""
     words = set(prompt.rstrip("?").split())
@@ -171,7 +169,7 @@ def subject(spec: toyworld.ClipSpec, prompt: str) -> int:
     return k
 
 
-def composition(vlm, net, proc, clips) -> tuple[str, dict]:
+def composition(vlm, hyper, proc, clips) -> tuple[str, dict]:
     """Two-part clips: adapters of the two halves, composed; vs the whole clip's adapter and the video in context.
     The last column asks each question of the adapter of the half that shows its object, alone: what composition
     could reach if composing cost nothing."""
@@ -179,17 +177,17 @@ def composition(vlm, net, proc, clips) -> tuple[str, dict]:
     for c in clips:
         mid = c["spec"].duration / 2
         halves += [proc.load_video(c["path"], end=mid), proc.load_video(c["path"], start=mid)]
-    parts = adapters(vlm, net, proc, halves)
-    facts = AD.base_facts(vlm)
-    composed = [compose([parts[2 * i], parts[2 * i + 1]], net, facts) for i in range(len(clips))]
-    whole = adapters(vlm, net, proc, [c["clip"] for c in clips])
+    parts = adapters(vlm, hyper, proc, halves)
+    facts = base_facts(vlm)
+    composed = [compose([parts[2 * i], parts[2 * i + 1]], hyper, facts) for i in range(len(clips))]
+    whole = adapters(vlm, hyper, proc, [c["clip"] for c in clips])
     qs = [(kind, q, a, i) for i, c in enumerate(clips) for kind, q, a in c["questions"] if kind in QA_KINDS]
     conditions = {"in context": [(q, clips[i]["clip"], None) for _, q, _, i in qs],
                   "whole-clip adapter": [(q, None, whole[i]) for _, q, _, i in qs],
                   "composed halves": [(q, None, composed[i]) for _, q, _, i in qs],
                   "own half's adapter": [(q, None, parts[2 * i + subject(clips[i]["spec"], q)])
                                          for _, q, _, i in qs]}
-    hits = score(conditions, [a for _, _, a, _ in qs], vlm, proc, net.config.alpha)
+    hits = score(conditions, [a for _, _, a, _ in qs], vlm, proc, hyper.config.alpha)
     kinds = np.array([k for k, *_ in qs])
     lines = ["| two-part clips | questions | " + " | ".join(conditions) + " |", "|---" * (len(conditions) + 2) + "|"]
     for kind in ("color", "shape", "direction"):
@@ -205,7 +203,7 @@ def composition(vlm, net, proc, clips) -> tuple[str, dict]:
 def ensure_clips(out: Path, n: int, two_part: str) -> Path:
     manifest = out / "manifest.jsonl"
     if not manifest.exists() or sum(1 for _ in manifest.open()) < n:
-        toyworld.write_split("heldout", n, out, two_part=two_part, progress=False)
+        world.write_split("heldout", n, out, two_part=two_part, progress=False)
     return manifest
 
 
@@ -223,13 +221,13 @@ def main(argv=None):
     torch.set_num_threads(torch.get_num_threads())
     t0 = time.time()
     vlm, proc = M.load_model(args.model), data.Processor(args.model)
-    net = H.load_hypernet(args.hypernet, vlm.config).eval()
-    ablation = H.load_hypernet(args.ablation, vlm.config).eval() if args.ablation else None
+    hyper = load_hypernet(args.hypernet, vlm.config).eval()
+    ablation = load_hypernet(args.ablation, vlm.config).eval() if args.ablation else None
     clips = clips_of(ensure_clips(Path(args.data) / "heldout", args.clips, "mixed"), args.clips, proc)
     two = clips_of(ensure_clips(Path(args.data) / "heldout_two_part", args.two_part_clips, "always"),
                    args.two_part_clips, proc)
-    table, result = fidelity(vlm, net, proc, clips, args.delta, ablation)
-    comp_table, result["composition"] = composition(vlm, net, proc, two)
+    table, result = fidelity(vlm, hyper, proc, clips, args.delta, ablation)
+    comp_table, result["composition"] = composition(vlm, hyper, proc, two)
     minutes = (time.time() - t0) / 60
     report = (f"{len(clips)} held-out clips, {result['questions']} questions; {len(two)} two-part clips. "
               f"{minutes:.1f} min on {torch.get_num_threads()} CPU threads.\n\n{table}\n\n{comp_table}\n")

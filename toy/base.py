@@ -1,38 +1,24 @@
 """Train the toy world's base VLM from scratch, with the video in context, and save it in the Hugging Face layout.
 
-    python toyworld.py clips --split train --n 1500 --out data/toy/train
-    python toyworld.py clips --split heldout --n 300 --out data/toy/heldout
-    python toy_base.py --train data/toy/train/manifest.jsonl --val data/toy/heldout/manifest.jsonl
+    python -m toy.world clips --split train --n 1500 --out data/toy/train
+    python -m toy.world clips --split heldout --n 300 --out data/toy/heldout
+    python -m toy.base --out runs/toy/base                 # the shipped recipe: toy/recipes/base.toml
 
-The model is a SmolVLM2 in miniature (SigLIP tower, pixel-shuffle connector, Llama decoder; toyworld.md) and the
-folder it writes (config.json, model.safetensors, tokenizer.json, processor configs) is laid out exactly like a
-released checkpoint: model.load_model, data.Processor and transformers' SmolVLMForConditionalGeneration all read
-it, and no later stage special-cases it.
+The model is a SmolVLM2 in miniature (SigLIP tower, pixel-shuffle connector, Llama decoder) and the folder it writes
+(config.json, model.safetensors, tokenizer.json, processor configs) is laid out exactly like a released checkpoint:
+model.load_model, data.Processor and transformers' SmolVLMForConditionalGeneration all read it, and no pipeline stage
+special-cases it.
 
 Two stages, both inside the --minutes budget, as SmolVLM2 itself was built on a pretrained SigLIP tower:
   1. the vision tower alone learns each patch's object colour and shape and the patch's place in the frame
      (pretrain_vision; the heads are thrown away);
-  2. the connector and the decoder learn every question kind and the caption from in-context clips, each clip's
-     questions a branch after its one video prefix, plus a gist branch; the tower stays frozen.
-
-Stage-2 options (README "A base that sees motion"):
-  --motion-weight W  a dense motion objective, on by default (W = 1; the shipped base): a linear head reads each
-                     object token's direction off the decoder's residual stream after --motion-layer layers (thrown
-                     away after). Direction in context 0.38 without it (--motion-weight 0), 0.87 with it.
-  --shape-weight W   a dense shape objective, on by default (W = 1): a second linear head reads each object token's
-                     shape off the same layer (shape_targets). For questions that name an object by its shape.
-  --chat MODE        how a clip's questions share one pass over its video. branched (default, the shipped base):
-                     every question a branch after the shared video prefix (branches), seeing the video and itself
-                     only, as at inference. packed (the base shipped before): one multi-turn chat, where a later
-                     answer can be copied from an earlier turn: colour 0.87, direction 0.87 in context. mixed: each
-                     clip one of the two. clean: chats in which no answer can be copied (clean_turns); worse.
-  --gist             on by default with --chat branched (--no-gist: off): one more branch per clip, the
-                     internalization instruction and the caption, the caption blind to the video (gist_branch), so
-                     the base writes the clip into the positions the hypernetwork reads (README).
-  --loss-per answer  the default: every answer weighs alike in the answer loss (answer_weights), a one-word colour
-                     answer as much as a caption; per token, a circle beside a square got its colour at chance.
-  --chunks 4         the default: a step's clips run as 4 length-sorted forward passes, each padded to its own
-                     longest, with logits at the answer positions only: the same loss, 0.7 of the time.
+  2. the connector and the decoder learn every question kind and the caption from in-context clips. A clip's
+     questions are branches after its one video prefix, each seeing the video and itself only, as at inference
+     (branches), plus a gist branch: the internalization instruction, then the caption, which sees the instruction
+     but not the video, so the base writes the clip into the positions the hypernetwork reads (gist_branch).
+     Every answer weighs alike in the loss (answer_weights), and two dense objectives read each object token's
+     direction and shape off the decoder's residual stream (motion_targets, shape_targets). The tower stays frozen.
+The recipe's reasons are in toy/recipes/base.toml; what was tried on the way is in docs/LOG.md.
 """
 from __future__ import annotations
 
@@ -55,18 +41,22 @@ from tqdm import tqdm
 
 import data
 import model as M
-import toyworld
+from toy import world
+from train import parse_with_recipe
 
 
-def toy_config(vocab_size: int, image_token_id: int, scale_factor: int = 2, vision_width: int = 96) -> M.SmolVLMConfig:
-    """64 px frames of 8 px patches (8 x 8), pixel-shuffled by s: 64 / s^2 tokens per frame; a 4-layer, 128-wide
-    Llama decoder."""
-    vision = M.VisionConfig(hidden_size=vision_width, intermediate_size=2 * vision_width, num_hidden_layers=2,
-                            num_attention_heads=4, patch_size=8, image_size=64)
+MOTION_LAYER = 2  # the dense heads read the residual stream entering decoder layer 2 (of 4)
+
+
+def toy_config(vocab_size: int, image_token_id: int) -> M.SmolVLMConfig:
+    """64 px frames of 8 px patches (8 x 8), pixel-shuffled by 2: 16 tokens per frame; a 2-layer, 96-wide SigLIP
+    tower and a 4-layer, 128-wide Llama decoder (1.17M parameters in all)."""
+    vision = M.VisionConfig(hidden_size=96, intermediate_size=192, num_hidden_layers=2, num_attention_heads=4,
+                            patch_size=8, image_size=64)
     text = M.TextConfig(vocab_size=vocab_size, hidden_size=128, intermediate_size=384, num_hidden_layers=4,
                         num_attention_heads=4, num_key_value_heads=2, head_dim=32, rope_theta=100000.0,
                         rms_norm_eps=1e-5, max_position_embeddings=2048)
-    return M.SmolVLMConfig(vision, text, scale_factor=scale_factor, image_token_id=image_token_id)
+    return M.SmolVLMConfig(vision, text, scale_factor=2, image_token_id=image_token_id)
 
 
 def write_model_dir(out: Path, config: M.SmolVLMConfig, tokenizer, state: dict[str, torch.Tensor], max_frames=12):
@@ -104,17 +94,17 @@ def write_model_dir(out: Path, config: M.SmolVLMConfig, tokenizer, state: dict[s
     os.replace(tmp, out)
 
 
-def init_weights(net: M.SmolVLM, std: float = 0.02):
+def init_weights(vlm: M.SmolVLM, std: float = 0.02):
     """The decoder and connector as transformers initialises them: N(0, std) linears and embeddings, zero biases,
     norms at one. The vision tower as SigLIP initialises its own: LeCun normal (std 1 / sqrt(fan_in)) linears and
     patch embedding, N(0, 1 / sqrt(width)) position embeddings. At std 0.02 the patch embedding's output is a
     fifth of unit scale, the residual branches drown it, and the tower learns shapes far more slowly."""
-    for m in net.modules():
+    for m in vlm.modules():
         if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d, torch.nn.Embedding)):
             torch.nn.init.normal_(m.weight, std=std)
             if getattr(m, "bias", None) is not None:
                 torch.nn.init.zeros_(m.bias)
-    vision = net.model.vision_model
+    vision = vlm.model.vision_model
     for m in vision.modules():
         if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)):
             torch.nn.init.normal_(m.weight, std=m.weight[0].numel() ** -0.5)
@@ -159,18 +149,18 @@ def load_examples(manifest, proc: data.Processor, limit: int | None = None, work
     return out
 
 
-def patch_owners(spec: toyworld.ClipSpec, i: int, grid: int) -> torch.Tensor:
+def patch_owners(spec: world.ClipSpec, i: int, grid: int) -> torch.Tensor:
     """(grid * grid,) long: the index of the object that covers most of each cell of frame i, -1 for background, as
     the encoder sees it (the frame squashed to a square, row-major cells). A cell is background unless one
     object's visible pixels fill at least a tenth of it; later objects paint over earlier ones, as in
-    toyworld.render_frame."""
+    world.render_frame."""
     h, w = spec.height, spec.width
     cell = ((np.arange(h)[:, None] + 0.5) * grid // h).astype(int) * grid + ((np.arange(w)[None, :] + 0.5) * grid // w)
     area = np.bincount(cell.ravel().astype(int), minlength=grid * grid)
     owner = np.full((h, w), -1)
     for k, o in enumerate(spec.objects):
         if i in spec.visible(k):
-            owner[toyworld._mask(o.shape, *spec.position(k, i), o.size, h, w)] = k
+            owner[world._mask(o.shape, *spec.position(k, i), o.size, h, w)] = k
     best, owners = np.zeros(grid * grid), torch.full((grid * grid,), -1, dtype=torch.long)
     for k in range(len(spec.objects)):
         cover = np.bincount(cell[owner == k].astype(int), minlength=grid * grid) / area
@@ -180,21 +170,21 @@ def patch_owners(spec: toyworld.ClipSpec, i: int, grid: int) -> torch.Tensor:
     return owners
 
 
-def patch_targets(spec: toyworld.ClipSpec, i: int, grid: int) -> torch.Tensor:
+def patch_targets(spec: world.ClipSpec, i: int, grid: int) -> torch.Tensor:
     """(grid * grid, 2) long: the colour and shape class (0 = background) of the object over each patch of frame i
     (patch_owners)."""
     owners = patch_owners(spec, i, grid)
-    classes = torch.tensor([[0, 0]] + [[1 + list(toyworld.COLORS).index(o.color), 1 + toyworld.SHAPES.index(o.shape)]
+    classes = torch.tensor([[0, 0]] + [[1 + list(world.COLORS).index(o.color), 1 + world.SHAPES.index(o.shape)]
                                        for o in spec.objects])
     return classes[owners + 1]
 
 
-def motion_targets(spec: toyworld.ClipSpec, indices, grid: int) -> torch.Tensor:
+def motion_targets(spec: world.ClipSpec, indices, grid: int) -> torch.Tensor:
     """(len(indices), grid * grid) long: for each image token of each sampled frame (a grid x grid cell after the
-    pixel shuffle, in the connector's row-major order), the direction class (toyworld.DIRECTIONS order) of the
+    pixel shuffle, in the connector's row-major order), the direction class (world.DIRECTIONS order) of the
     object over it, if that object was already on screen in an earlier sampled frame, so the motion is there to
     see; -100 (ignored) for background and for an object's first sampled frame."""
-    names = list(toyworld.DIRECTIONS)
+    names = list(world.DIRECTIONS)
     out = torch.full((len(indices), grid * grid), -100, dtype=torch.long)
     seen: set[int] = set()
     for f, i in enumerate(indices):
@@ -205,10 +195,10 @@ def motion_targets(spec: toyworld.ClipSpec, indices, grid: int) -> torch.Tensor:
     return out
 
 
-def shape_targets(spec: toyworld.ClipSpec, indices, grid: int) -> torch.Tensor:
+def shape_targets(spec: world.ClipSpec, indices, grid: int) -> torch.Tensor:
     """(len(indices), grid * grid) long: for each image token of each sampled frame (as motion_targets), the shape
-    class (toyworld.SHAPES order) of the object over it; -100 (ignored) for background."""
-    shapes = torch.tensor([toyworld.SHAPES.index(o.shape) for o in spec.objects] + [-100])
+    class (world.SHAPES order) of the object over it; -100 (ignored) for background."""
+    shapes = torch.tensor([world.SHAPES.index(o.shape) for o in spec.objects] + [-100])
     return torch.stack([shapes[patch_owners(spec, i, grid)] for i in indices])  # owner -1 -> the last entry
 
 
@@ -218,13 +208,13 @@ def frame_targets(examples: list[dict], grid: int) -> tuple[torch.Tensor, torch.
     for ex in examples:
         if ex["row"]["video_path"] not in seen:
             seen.add(ex["row"]["video_path"])
-            spec = toyworld.ClipSpec.from_dict(ex["row"]["spec"])
+            spec = world.ClipSpec.from_dict(ex["row"]["spec"])
             frames.append(ex["pixels"])
             targets += [patch_targets(spec, i, grid) for i in ex["indices"]]
     return torch.cat(frames), torch.stack(targets)
 
 
-def pretrain_vision(net: M.SmolVLM, train: list[dict], val: list[dict], steps: int, batch: int, lr: float,
+def pretrain_vision(vlm: M.SmolVLM, train: list[dict], val: list[dict], steps: int, batch: int, lr: float,
                     rng: random.Random) -> float:
     """Stage 1, the toy stand-in for SigLIP's own pretraining: the vision tower learns, per patch, the colour and
     shape of the object over it and the patch's own place in the frame (linear heads on its output, thrown away
@@ -232,11 +222,11 @@ def pretrain_vision(net: M.SmolVLM, train: list[dict], val: list[dict], steps: i
     from scratch learns colours but not shapes; and the decoder, which has no absolute positions, can only tell
     where an object is (hence which way it moves) if the object's own tokens say so. Returns the held-out shape
     accuracy on object patches."""
-    vision, grid = net.model.vision_model, net.config.vision.image_size // net.config.vision.patch_size
+    vision, grid = vlm.model.vision_model, vlm.config.vision.image_size // vlm.config.vision.patch_size
     frames, targets = frame_targets(train, grid)
-    n_colors = 1 + len(toyworld.COLORS)
-    n_classes = n_colors + 1 + len(toyworld.SHAPES)
-    head = torch.nn.Linear(net.config.vision.hidden_size, n_classes + 2)
+    n_colors = 1 + len(world.COLORS)
+    n_classes = n_colors + 1 + len(world.SHAPES)
+    head = torch.nn.Linear(vlm.config.vision.hidden_size, n_classes + 2)
     rows, cols = torch.meshgrid(torch.linspace(-1, 1, grid), torch.linspace(-1, 1, grid), indexing="ij")
     where = torch.stack([rows.flatten(), cols.flatten()], -1)  # (grid^2, 2): each patch's row and column
 
@@ -264,61 +254,12 @@ def pretrain_vision(net: M.SmolVLM, train: list[dict], val: list[dict], steps: i
     return hits.float().mean().item()
 
 
-def _subject(row: dict) -> int:
-    """The index, in the row's spec, of the object a colour, shape or direction question names."""
-    for k, o in enumerate(row["spec"]["objects"]):
-        if row["prompt"] == toyworld.PROMPTS[row["kind"]].format(shape=o["shape"], color=o["color"]):
-            return k
-    raise ValueError(f"{row['id']}: the prompt names no object of its clip")
-
-
-def clean_turns(examples: list[dict], rng: random.Random, caption_p: float) -> list[dict]:
-    """The questions of one chat in which no answer can be read off an earlier turn: with probability caption_p
-    the caption alone (it names every colour, shape and direction); otherwise the count, then for each object (in
-    random order) its colour or its shape question (one answer gives the other away), then their directions (a
-    direction question names a shape, so it comes after the shape questions)."""
-    by_kind: dict[str, list[dict]] = {}
-    for ex in examples:
-        by_kind.setdefault(ex["row"]["kind"], []).append(ex)
-    if by_kind.get("caption") and rng.random() < caption_p:
-        return by_kind["caption"]
-    per_object: dict[int, dict[str, dict]] = {}
-    for kind in ("color", "shape", "direction"):
-        for ex in by_kind.get(kind, []):
-            per_object.setdefault(_subject(ex["row"]), {})[kind] = ex
-    objects = rng.sample(sorted(per_object), len(per_object))
-    attributes = [[qs[kind] for kind in rng.sample(["color", "shape"], 2) if kind in qs][:1]
-                  for qs in (per_object[k] for k in objects)]
-    directions = [per_object[k]["direction"] for k in objects if "direction" in per_object[k]]
-    return by_kind.get("count", []) + sum(attributes, []) + directions
-
-
-def conversation(proc: data.Processor, examples: list[dict], rng: random.Random, chat: str = "packed",
-                 caption_p: float = 0.3) -> dict:
-    """Questions about one clip in one sequence, so one pass over the video supervises several answers. Labels on
-    the answers only. branched: branches(). Otherwise one multi-turn chat (the chat template's multi-turn form,
-    smolvlm2.md §5.4): packed, all of the clip's questions in random order, so a later answer may be copied from an
-    earlier one (the caption names every colour); clean: clean_turns, so every answer has to come from the video."""
-    if chat == "mixed":  # each clip's sequence branched or packed, with equal chance
-        chat = "branched" if rng.random() < 0.5 else "packed"
-    if chat == "branched":
-        return branches(examples, rng)
-    order = clean_turns(examples, rng, caption_p) if chat == "clean" else rng.sample(examples, len(examples))
-    ids, labels = list(order[0]["head"]), [-100] * len(order[0]["head"])
-    for i, ex in enumerate(order):
-        if i:
-            turn = proc.encode("\nUser: " + ex["row"]["prompt"] + "<end_of_utterance>\nAssistant:")
-            ids, labels = ids + turn, labels + [-100] * len(turn)
-        ids, labels = ids + ex["tail"], labels + ex["tail"]
-    return {"ids": ids, "labels": labels, "pixels": order[0]["pixels"],
-            **{k: order[0][k] for k in ("motion", "shape") if k in order[0]}}
-
-
 def branches(examples: list[dict], rng: random.Random) -> dict:
     """All of a clip's questions after one shared prefix (the video), each question + answer a branch that sees the
     prefix and itself only: every answer comes from the video, each exactly as the single-turn prompt asked at
     inference would see it (the same tokens at the same positions), for the cost of one pass over the video.
-    "branch" is 0 on the prefix and k on the tokens of branch k; batch_loss turns it into the attention mask."""
+    "branch" is 0 on the prefix and k on the tokens of branch k; batch_loss turns it into the attention mask.
+    A clip whose first example carries a "gist" (gist_branch) gets that branch last."""
     heads = [ex["head"] for ex in examples]
     P = next((i for i in range(min(map(len, heads))) if len({h[i] for h in heads}) > 1), min(map(len, heads)))
     ids, labels, positions, branch = list(heads[0][:P]), [-100] * P, list(range(P)), [0] * P
@@ -344,7 +285,7 @@ def branches(examples: list[dict], rng: random.Random) -> dict:
 
 
 def gist_branch(proc: data.Processor, examples: list[dict]) -> dict | None:
-    """--gist: the tokens of one clip's extra branch (branches), the internalization instruction exactly as
+    """The tokens of one clip's gist branch (branches), the internalization instruction exactly as
     internalize.py renders it (method.md §2) followed by "Assistant:" and the clip's caption. The caption tokens see
     the instruction's tokens and, of the shared prefix, only what a text-only prompt also starts with ("sight"), not
     the video: so the base learns to write the whole clip, each object's colour bound to its shape and direction,
@@ -362,14 +303,14 @@ def gist_branch(proc: data.Processor, examples: list[dict]) -> dict | None:
 def branch_mask(batch: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, T, T) may-attend mask and (B, T) positions of right-padded branched examples: causal, and a token of
     branch k sees the prefix and branch k only; padding is seen by nothing but padding. An example without
-    branches (a packed chat, in a --chat mixed batch) is all prefix: plain causal."""
+    branches (one question asked alone) is all prefix: plain causal."""
     seg, _ = data.pad_batch([ex.get("branch", [0] * len(ex["ids"])) for ex in batch], -1, side="right")
     positions, _ = data.pad_batch([ex.get("positions", range(len(ex["ids"]))) for ex in batch], 0, side="right")
     parent, _ = data.pad_batch([ex.get("parent", [0] * len(ex["ids"])) for ex in batch], 0, side="right")
     blind, _ = data.pad_batch([ex.get("blind", [0] * len(ex["ids"])) for ex in batch], 0, side="right")
     T = seg.shape[1]
     causal = torch.ones(T, T, dtype=torch.bool).tril()
-    # A --gist caption token (blind > 0) sees its parent branch and only the first `blind` tokens of the prefix.
+    # A gist caption token (blind > 0) sees its parent branch and only the first `blind` tokens of the prefix.
     prefix = (seg[:, None, :] == 0) & ((blind[:, :, None] == 0) | (torch.arange(T) < blind[:, :, None]))
     own = (seg[:, None, :] == seg[:, :, None]) | ((parent[:, :, None] > 0) & (seg[:, None, :] == parent[:, :, None]))
     return causal & (prefix | own), positions
@@ -386,18 +327,19 @@ def answer_weights(labels: torch.Tensor, n: int | None = None) -> torch.Tensor:
     return valid * (1.0 / size[span]) / max(int(start.sum()) if n is None else n, 1)
 
 
-def batch_loss(net: M.SmolVLM, batch: list[dict], pad_id: int, heads: dict[str, torch.nn.Linear] | None = None,
-               layer: int = 2, per: str = "token", chunks: int = 1) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Teacher-forced cross-entropy on the answer tokens, averaged over all of them (per="token") or over the answers,
-    each answer's tokens averaged first (per="answer": answer_weights); and, for each dense head ("motion":
-    motion_targets, "shape": shape_targets), the cross-entropy of the class it reads off each object token's residual
-    stream after `layer` decoder layers, averaged over that head's labelled tokens.
+def batch_loss(vlm: M.SmolVLM, batch: list[dict], pad_id: int, heads: dict[str, torch.nn.Linear] | None = None,
+               chunks: int = 4) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Teacher-forced cross-entropy on the answer tokens, averaged over the answers, each answer's tokens averaged
+    first (answer_weights): a one-word colour answer weighs as much as a caption (per token, a caption's many tokens
+    drowned the one-word answers and one pair of shapes stayed at chance for colour). And, for each dense head
+    ("motion": motion_targets, "shape": shape_targets), the cross-entropy of the class it reads off each object
+    token's residual stream entering decoder layer MOTION_LAYER, averaged over that head's labelled tokens.
 
-    chunks > 1 runs the batch as that many forward passes over examples of similar length (sorted), each padded only
-    to its own longest: the same losses (every average still over the whole batch), less compute spent on padding."""
+    The batch runs as `chunks` forward passes over examples of similar length (sorted), each padded only to its own
+    longest, with logits at the answer positions only: the same losses (every average still over the whole batch)
+    in less time than one pass padded to the longest."""
     labels = [torch.tensor(ex["labels"][1:]) for ex in batch]
     n_answers = sum(int((t != -100).sum() - ((t[1:] != -100) & (t[:-1] != -100)).sum()) for t in labels)
-    n_tokens = sum(int((t != -100).sum()) for t in labels)
     n_dense = {name: sum(int((ex[name] != -100).sum()) for ex in batch) for name in heads or {}}
     order = sorted(range(len(batch)), key=lambda i: len(batch[i]["ids"]))
     answer_loss, dense = 0.0, {name: 0.0 for name in heads or {}}
@@ -411,13 +353,12 @@ def batch_loss(net: M.SmolVLM, batch: list[dict], pad_id: int, heads: dict[str, 
         if any("branch" in ex for ex in sub):
             mask, positions = branch_mask(sub)
         scored = targets != -100  # the positions whose next token is an answer token
-        out = net(ids, torch.cat([ex["pixels"] for ex in sub]), mask, output_hidden_states=bool(heads),
+        out = vlm(ids, torch.cat([ex["pixels"] for ex in sub]), mask, output_hidden_states=bool(heads),
                   position_ids=positions, logits=scored)
         ce = F.cross_entropy(out.logits, targets[scored], reduction="none")
-        weight = answer_weights(targets, n_answers)[scored] if per == "answer" else 1.0 / max(n_tokens, 1)
-        answer_loss = answer_loss + (ce * weight).sum()
+        answer_loss = answer_loss + (ce * answer_weights(targets, n_answers)[scored]).sum()
         if heads:
-            tokens = out.hidden_states[layer][ids == net.config.image_token_id]  # (frames * tokens, D), prompt order
+            tokens = out.hidden_states[MOTION_LAYER][ids == vlm.config.image_token_id]  # (frames * tokens, D), prompt order
             for name, head in heads.items():
                 dense[name] = dense[name] + F.cross_entropy(
                     head(tokens), torch.cat([ex[name].flatten() for ex in sub]), reduction="sum") / n_dense[name]
@@ -425,24 +366,24 @@ def batch_loss(net: M.SmolVLM, batch: list[dict], pad_id: int, heads: dict[str, 
 
 
 @torch.no_grad()
-def answer(net: M.SmolVLM, proc: data.Processor, examples: list[dict], max_new_tokens=24, batch=32) -> list[str]:
+def answer(vlm: M.SmolVLM, proc: data.Processor, examples: list[dict], max_new_tokens=24, batch=32) -> list[str]:
     """Greedy answers with the video in context (left-padded batches)."""
-    net.eval()
+    vlm.eval()
     texts = []
     for i in range(0, len(examples), batch):
         chunk = examples[i:i + batch]
         ids, mask = data.pad_batch([ex["head"] for ex in chunk], proc.pad_id, side="left")
-        out = M.generate(net, ids, mask, torch.cat([ex["pixels"] for ex in chunk]),
+        out = M.generate(vlm, ids, mask, torch.cat([ex["pixels"] for ex in chunk]),
                          max_new_tokens=max_new_tokens, eos_token_id=proc.eou_id)
         texts += [proc.decode(t).strip() for t in out]
     return texts
 
 
-def accuracy(net, proc, examples) -> dict[str, float]:
-    """Per question kind: first word for one-word answers, the whole sentence for captions (toyworld.score)."""
+def accuracy(vlm, proc, examples) -> dict[str, float]:
+    """Per question kind: first word for one-word answers, the whole sentence for captions (world.score)."""
     hits: dict[str, list[bool]] = {}
-    for ex, text in zip(examples, answer(net, proc, examples)):
-        hits.setdefault(ex["row"]["kind"], []).append(toyworld.score(text, ex["row"]["target_text"]))
+    for ex, text in zip(examples, answer(vlm, proc, examples)):
+        hits.setdefault(ex["row"]["kind"], []).append(world.score(text, ex["row"]["target_text"]))
     acc = {k: sum(v) / len(v) for k, v in sorted(hits.items())}
     acc["overall"] = sum(sum(v) for v in hits.values()) / sum(len(v) for v in hits.values())
     return acc
@@ -452,14 +393,13 @@ def train(args) -> None:
     start = time.time()  # --minutes covers loading and both stages
     torch.manual_seed(args.seed)
     random.seed(args.seed)
-    tokenizer = toyworld.toy_tokenizer()
-    config = toy_config(tokenizer.get_vocab_size(), tokenizer.token_to_id("<image>"), args.scale_factor,
-                        args.vision_width)
+    tokenizer = world.toy_tokenizer()
+    config = toy_config(tokenizer.get_vocab_size(), tokenizer.token_to_id("<image>"))
     # The processor reads the tokenizer and frame geometry from a model folder: write the untrained one first.
     stage = Path(args.out).with_name(Path(args.out).name + ".init")
-    net = M.SmolVLM(config)
-    init_weights(net)
-    write_model_dir(stage, config, tokenizer, net.state_dict())
+    vlm = M.SmolVLM(config)
+    init_weights(vlm)
+    write_model_dir(stage, config, tokenizer, vlm.state_dict())
     proc = data.Processor(stage)
     train_rows = load_examples(args.train, proc, workers=args.threads)
     val_set = load_examples(args.val, proc, limit=args.val_clips, workers=args.threads)
@@ -468,44 +408,40 @@ def train(args) -> None:
         by_clip.setdefault(ex["row"]["video_path"], []).append(ex)
     train_set = list(by_clip.values())
     # Dense objectives on the decoder's residual stream (heads thrown away after): name -> (targets, classes, weight).
-    dense = {"motion": (motion_targets, len(toyworld.DIRECTIONS), args.motion_weight),
-             "shape": (shape_targets, len(toyworld.SHAPES), args.shape_weight)}
+    dense = {"motion": (motion_targets, len(world.DIRECTIONS), args.motion_weight),
+             "shape": (shape_targets, len(world.SHAPES), args.shape_weight)}
     dense = {name: d for name, d in dense.items() if d[2]}
     grid = config.vision.image_size // config.vision.patch_size // config.scale_factor  # tokens per frame side
     for qs in train_set:
-        spec = toyworld.ClipSpec.from_dict(qs[0]["row"]["spec"])
+        spec = world.ClipSpec.from_dict(qs[0]["row"]["spec"])
         for name, (targets, _, _) in dense.items():
             t = targets(spec, qs[0]["indices"], grid)
             for ex in qs:
                 ex[name] = t
+        qs[0]["gist"] = gist_branch(proc, qs)
     heads = {name: torch.nn.Linear(config.text.hidden_size, n) for name, (_, n, _) in dense.items()}
-    if args.gist:
-        for qs in train_set:
-            qs[0]["gist"] = gist_branch(proc, qs)
     rng = random.Random(args.seed)
     print(f"{len(train_set)} training clips ({len(train_rows)} questions), {len(val_set)} validation questions; "
-          f"{sum(p.numel() for p in net.parameters()) / 1e6:.2f}M parameters", file=sys.stderr)
+          f"{sum(p.numel() for p in vlm.parameters()) / 1e6:.2f}M parameters", file=sys.stderr)
     patch_acc = None
     if args.vision_steps:
-        patch_acc = pretrain_vision(net, train_rows, val_set, args.vision_steps, args.vision_batch, args.vision_lr,
+        patch_acc = pretrain_vision(vlm, train_rows, val_set, args.vision_steps, args.vision_batch, args.vision_lr,
                                     rng)
         print(f"stage 1 ({(time.time() - start) / 60:.1f} min): held-out shape accuracy on object patches "
               f"{patch_acc:.3f}", file=sys.stderr)
     # Stage 2 trains the connector and the decoder on the questions; the tower stays as stage 1 left it (the
     # answer loss's early, noisy gradient would wipe out what it learned).
-    net.model.vision_model.requires_grad_(not args.vision_steps)
-    params = [p for p in net.parameters() if p.requires_grad] + [p for h in heads.values() for p in h.parameters()]
+    vlm.model.vision_model.requires_grad_(not args.vision_steps)
+    params = [p for p in vlm.parameters() if p.requires_grad] + [p for h in heads.values() for p in h.parameters()]
     opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.95), weight_decay=0.01)
     warmup = max(1, args.steps // 20)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, args.steps) / args.steps)))
     bar = tqdm(range(args.steps), desc="toy base", unit="step")
     for step in bar:
-        net.train()
-        batch = [conversation(proc, qs, rng, args.chat, args.caption_p)
-                 for qs in rng.sample(train_set, args.batch)]
-        loss, dense_losses = batch_loss(net, batch, proc.pad_id, heads, args.motion_layer, args.loss_per,
-                                        args.chunks)
+        vlm.train()
+        batch = [branches(qs, rng) for qs in rng.sample(train_set, args.batch)]
+        loss, dense_losses = batch_loss(vlm, batch, proc.pad_id, heads, args.chunks)
         opt.zero_grad(set_to_none=True)
         (loss + sum(dense[name][2] * v for name, v in dense_losses.items())).backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -517,74 +453,51 @@ def train(args) -> None:
             print(f"time budget of {args.minutes} min reached at step {step + 1}", file=sys.stderr)
             break
     minutes = (time.time() - start) / 60
-    acc = accuracy(net, proc, val_set)
+    acc = accuracy(vlm, proc, val_set)
     print(f"trained in {minutes:.1f} min; held-out in-context accuracy: "
           + ", ".join(f"{k} {v:.3f}" for k, v in acc.items()), file=sys.stderr)
-    write_model_dir(Path(args.out), config, tokenizer, net.state_dict())
+    write_model_dir(Path(args.out), config, tokenizer, vlm.state_dict())
     (Path(args.out) / "training.json").write_text(json.dumps(
         {"steps": step + 1, "minutes": round(minutes, 2), "heldout_patch_shape_accuracy": patch_acc,
-         "heldout_in_context_accuracy": acc,
-         "args": vars(args)}, indent=2) + "\n")
+         "heldout_in_context_accuracy": acc, "args": vars(args)}, indent=2) + "\n")
     shutil.rmtree(stage, ignore_errors=True)
     print(f"wrote {args.out}", file=sys.stderr)
 
 
+RECIPE = Path(__file__).resolve().parent / "recipes" / "base.toml"
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--train", default="data/toy/train/manifest.jsonl", help="training manifest (toyworld.py clips)")
+    p.add_argument("--recipe", default=str(RECIPE), help="TOML file of the options below (default: the shipped "
+                                                         "recipe); options given on the command line override it")
+    p.add_argument("--train", default="data/toy/train/manifest.jsonl", help="training manifest (toy.world clips)")
     p.add_argument("--val", default="data/toy/heldout/manifest.jsonl", help="held-out manifest for the final score")
     p.add_argument("--val-clips", type=int, default=100, help="held-out clips scored at the end")
-    p.add_argument("--out", default=str(M.TINY_DIR), help="model folder to write (default: the shipped one)")
-    p.add_argument("--vision-steps", type=int, default=4000, help="stage 1: vision tower pretraining steps")
-    p.add_argument("--vision-batch", type=int, default=64, help="stage 1: frames per step")
-    p.add_argument("--vision-lr", type=float, default=1e-3)
-    p.add_argument("--steps", type=int, default=2400)
-    p.add_argument("--batch", type=int, default=16, help="clips per step, each with all of its questions")
-    p.add_argument("--chunks", type=int, default=4, help="forward passes per step, each over clips of similar "
-                   "length padded only to its own longest (batch_loss): the same loss, ~25 %% less time on padding")
-    p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--minutes", type=float, default=19.5,
-                   help="stop stage 2 early at this wall-clock budget, counted from the start with the clip loading "
-                        "included (the final held-out score comes after it); 0: none")
-    p.add_argument("--chat", choices=["packed", "branched", "mixed", "clean"], default="branched",
-                   help="stage 2, how a clip's questions share one pass over the video: one multi-turn chat "
-                        "(packed); branches after the video, each seeing the video and itself only (branched, "
-                        "default); "
-                        "a chat in which no answer can be copied from an earlier turn (clean); each clip one of "
-                        "branched or packed, with equal chance (mixed)")
-    p.add_argument("--gist", action=argparse.BooleanOptionalAction, default=None,
-                   help="with --chat branched (and by default there): one more branch per clip, the internalization "
-                        "instruction followed by the caption, whose tokens see the instruction but not the video "
-                        "(gist_branch)")
-    p.add_argument("--caption-p", type=float, default=0.3, help="with --chat clean: share of chats that are the "
-                                                                 "caption alone")
-    p.add_argument("--loss-per", choices=["token", "answer"], default="answer",
-                   help="stage 2: the answer loss averaged over answers, each answer's tokens averaged first, so a "
-                        "one-word answer weighs as much as a caption (answer, default), or over answer tokens")
-    p.add_argument("--motion-weight", type=float, default=1.0,
-                   help="stage 2: weight of the dense motion loss (each object token's direction, read off the "
-                        "decoder's residual stream by a linear head thrown away after; default 1, 0: off)")
-    p.add_argument("--shape-weight", type=float, default=1.0,
-                   help="stage 2: weight of the dense shape loss (each object token's shape, read off the residual "
-                        "stream at --motion-layer like the motion loss; default 1, 0: off)")
-    p.add_argument("--motion-layer", type=int, default=2, help="decoder layers before the dense heads read")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--scale-factor", type=int, default=2, help="pixel shuffle: 64 / s^2 tokens per frame")
-    p.add_argument("--vision-width", type=int, default=96)
+    p.add_argument("--out", default="runs/toy/base", help="model folder to write (the shipped one is only "
+                                                          "replaced by toy/reproduce.sh, from a finished run)")
+    g = p.add_argument_group("recipe (defaults from --recipe)")
+    g.add_argument("--vision-steps", type=int, help="stage 1: vision tower pretraining steps")
+    g.add_argument("--vision-batch", type=int, help="stage 1: frames per step")
+    g.add_argument("--vision-lr", type=float, help="stage 1: learning rate")
+    g.add_argument("--steps", type=int, help="stage 2: steps (sets the cosine schedule)")
+    g.add_argument("--batch", type=int, help="stage 2: clips per step, each with all of its questions")
+    g.add_argument("--chunks", type=int, help="stage 2: forward passes per step, over clips of similar length")
+    g.add_argument("--lr", type=float, help="stage 2: learning rate")
+    g.add_argument("--minutes", type=float, help="stop stage 2 early at this wall-clock budget, counted from the "
+                                                 "start (loading included; the final score comes after); 0: none")
+    g.add_argument("--motion-weight", type=float, help="stage 2: weight of the dense motion loss (0: off)")
+    g.add_argument("--shape-weight", type=float, help="stage 2: weight of the dense shape loss (0: off)")
+    g.add_argument("--seed", type=int, help="init, data order")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1,
                    help="CPU threads; on a busy machine 1 avoids OpenMP threads waiting on each other")
-    args = p.parse_args(argv)
-    layers = toy_config(1, 0).text.num_hidden_layers
-    if (args.motion_weight or args.shape_weight) and not 0 < args.motion_layer < layers:
-        raise SystemExit(f"error: --motion-layer must be 1 to {layers - 1} (the toy decoder has {layers} layers), "
-                         f"got {args.motion_layer}")
-    if args.gist and args.chat != "branched":
-        raise SystemExit("error: --gist needs --chat branched")
-    if args.gist is None:
-        args.gist = args.chat == "branched"
+    args = parse_with_recipe(p, argv)
+    unset = [a.option_strings[0] for a in g._group_actions if getattr(args, a.dest) is None]
+    if unset:
+        raise SystemExit(f"error: recipe {args.recipe} sets no {', '.join(unset)}")
     for f in (args.train, args.val):
         if not Path(f).is_file():
-            raise SystemExit(f"error: {f} not found; write clips first with `python toyworld.py clips ...`")
+            raise SystemExit(f"error: {f} not found; write clips first with `python -m toy.world clips ...`")
     torch.set_num_threads(args.threads)
     train(args)
 

@@ -1,4 +1,4 @@
-"""benchmarks/video_share.py: the share of the pooled hidden states that changes from clip to clip."""
+"""toy/video_share.py: the share of the pooled hidden states that changes from clip to clip."""
 from __future__ import annotations
 
 import sys
@@ -8,16 +8,15 @@ import pytest
 import torch
 
 import data
-import toyworld as T
-from test_toy_base import random_base
+from toy import world
+from conftest import toy_random_base
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-import video_share  # noqa: E402
+from toy import video_share
 
 
 def test_video_share_is_zero_for_one_clip_repeated_and_positive_across_clips(tmp_path):
-    _, config, _ = random_base(tmp_path / "m")
-    rows, _ = data.read_manifest(T.write_split("heldout", 3, tmp_path / "clips", progress=False))
+    _, config, _ = toy_random_base(tmp_path / "m")
+    rows, _ = data.read_manifest(world.write_split("heldout", 3, tmp_path / "clips", progress=False))
     paths = list(dict.fromkeys(r["video_path"] for r in rows))
     same = video_share.video_share(str(tmp_path / "m"), [paths[0]] * 3)
     across = video_share.video_share(str(tmp_path / "m"), paths)
@@ -42,9 +41,9 @@ def test_linear_probe_reads_a_signal_tiny_beside_a_shared_part_and_not_noise():
 
 
 def test_probe_runs_per_layer_on_one_object_clips(tmp_path):
-    _, config, _ = random_base(tmp_path / "m")
-    train = T.write_split("train", 12, tmp_path / "train", progress=False)
-    test = T.write_split("heldout", 12, tmp_path / "test", progress=False)
+    _, config, _ = toy_random_base(tmp_path / "m")
+    train = world.write_split("train", 12, tmp_path / "train", progress=False)
+    test = world.write_split("heldout", 12, tmp_path / "test", progress=False)
     acc = video_share.probe(str(tmp_path / "m"), str(train), str(test), 100, 100)
     assert set(acc) == {"color", "shape", "direction"}
     assert all(len(v) == config.text.num_hidden_layers and all(0 <= a <= 1 for a in v) for v in acc.values())

@@ -1,8 +1,8 @@
 """How much of the video the hidden states a hypernetwork reads carry, per layer, at image and at text positions.
 
-    python benchmarks/video_share.py                                   # the shipped tiny base
-    python benchmarks/video_share.py --model runs/base_br/model --model checkpoints/tiny/base
-    python benchmarks/video_share.py --probe data/toy/train/manifest.jsonl   # and a linear probe per layer
+    python -m toy.video_share                                   # the shipped tiny base
+    python -m toy.video_share --model runs/base_br/model --model checkpoints/tiny/base
+    python -m toy.video_share --probe data/toy/train/manifest.jsonl   # and a linear probe per layer
 
 For each base model: the frozen VLM reads [video + instruction] for N held-out clips (exactly what internalize.py
 feeds the hypernetwork); per layer, the states are averaged over the image tokens, and over the text tokens after
@@ -24,10 +24,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-import data  # noqa: E402
-import model as M  # noqa: E402
+import data
+import model as M
 
 GROUPS = ("all tokens", "image tokens", "text after the video")
 ATTRIBUTES = ("color", "shape", "direction")
@@ -90,7 +88,7 @@ def probe(model_dir: str, train_manifest: str, test_manifest: str, n_train: int,
     """{attribute: held-out accuracy per layer} of linear_probe on the uniformly pooled state (all tokens)."""
     train, test = one_object_clips(train_manifest, n_train), one_object_clips(test_manifest, n_test)
     if not train or not test:
-        raise SystemExit("error: --probe needs one-object clips (toyworld.py clips) in both manifests")
+        raise SystemExit("error: --probe needs one-object clips (world.py clips) in both manifests")
     x_train = pooled_states(model_dir, [p for p, _ in train])["all tokens"]
     x_test = pooled_states(model_dir, [p for p, _ in test])["all tokens"]
     return {k: [linear_probe(x_train[:, l], [o[k] for _, o in train], x_test[:, l], [o[k] for _, o in test])
@@ -100,14 +98,14 @@ def probe(model_dir: str, train_manifest: str, test_manifest: str, n_train: int,
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", action="append", help="base model folder; repeat to compare (default: shipped tiny)")
-    p.add_argument("--manifest", default="data/toy/heldout/manifest.jsonl", help="clips to read (toyworld.py clips)")
+    p.add_argument("--manifest", default="data/toy/heldout/manifest.jsonl", help="clips to read (world.py clips)")
     p.add_argument("--clips", type=int, default=40)
     p.add_argument("--probe", metavar="TRAIN_MANIFEST", help="also fit a linear probe per layer on these clips")
     p.add_argument("--probe-clips", type=int, default=500, help="one-object training clips the probe learns from")
     args = p.parse_args(argv)
     for path in [args.manifest] + ([args.probe] if args.probe else []):
         if not Path(path).is_file():
-            raise SystemExit(f"error: {path} not found; write clips first with `python toyworld.py clips ...`")
+            raise SystemExit(f"error: {path} not found; write clips first with `python world.py clips ...`")
     rows, _ = data.read_manifest(args.manifest)
     paths = list(dict.fromkeys(r["video_path"] for r in rows))[:args.clips]
     for model_dir in args.model or [str(M.TINY_DIR)]:
