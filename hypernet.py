@@ -53,9 +53,9 @@ class HyperConfig:
     # scaler_B = 0 no gradient reaches the generating head until scaler_B itself drifts away from 0; in a short
     # training run the static LoRA absorbs everything meanwhile and the adapter never depends on the video.
     init: str = "released"
-    # Beyond the released recipe (README "The adapter"): "batch" standardises every feature of the perceiver's output
-    # over the clips of a training batch (BatchNorm without affine, per layer, query row and feature) and by running
-    # statistics at inference. The clip-to-clip part of a uniformly pooled state is small beside the part every clip
+    # Beyond the released recipe (toy/recipes/hypernet.toml uses it): "batch" standardises every feature of the
+    # perceiver's output over the clips of a training batch (BatchNorm without affine, per layer, query row and
+    # feature) and by running statistics at inference. The clip-to-clip part of a uniformly pooled state is small beside the part every clip
     # shares; standardising leaves only the first, so the generated rows depend on the video from step 1 and the
     # static rows carry what all videos share. "none" (released): no such layer.
     out_norm: str = "none"

@@ -68,7 +68,10 @@ def parse_with_recipe(parser: argparse.ArgumentParser, argv, recipe=None) -> arg
     path = getattr(first, "recipe", None) or recipe
     if path:
         parser.set_defaults(**read_recipe(parser, path))
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if path and hasattr(args, "recipe"):
+        args.recipe = str(path)  # recorded with the run's arguments
+    return args
 
 
 # ------------------------------------------------------------------------------------------------ setup helpers

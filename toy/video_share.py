@@ -9,7 +9,7 @@ feeds the hypernetwork); per layer, the states are averaged over the image token
 the last image token (the instruction and the template around it). The "video share" of a position group is
 sum_d Var_clips(mean state)_d / sum_d (mean over clips of the mean state)_d^2: 0 when the pooled state is the same
 for every clip. A perceiver starts out pooling nearly uniformly, so a small share is a weak video signal to learn
-from at the start (the plateau of README "The adapter").
+from at the start (the plateau recorded in docs/LOG.md).
 
 --probe TRAIN_MANIFEST: is the video there all the same? On the one-object clips, a logistic regression on the state
 averaged over *all* tokens (what a perceiver that pools uniformly sees), its features standardised over the training
