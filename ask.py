@@ -23,8 +23,8 @@ import torch
 
 import data
 import model as M
-from adapter import AdapterError, check_base, load_adapter
-from internalize import load_base
+from adapter import Adapter, AdapterError, check_base, load_adapter
+from internalize import Base, load_base
 
 
 def split_inputs(args) -> tuple[Path | None, list[str]]:
@@ -74,65 +74,74 @@ def resolve_base(args, meta: dict | None):
     return None, str(folder)
 
 
+def answer(base: Base, question: str, adapter: Adapter | None = None, video=None, max_new_tokens: int = 128,
+           temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None, stream=None) -> dict:
+    """One answer from the base model (internalize.Base or Models): with `adapter` the LoRA carries the video and the
+    prompt is text only (method.md §5); with `video` (a path, or a Clip from base.proc.load_video, decoded once for
+    many questions) the video is in context, the paper's baseline; with neither, the text alone. Greedy unless
+    temperature > 0. `stream(text)` receives each new piece of the answer as soon as it decodes cleanly."""
+    proc = base.proc
+    if adapter is not None and video is not None:
+        raise ValueError("an answer comes from the adapter or from the video in context, not both")
+    ids, pixels = proc.question_inputs(question, video)                 # (1, T), (F, 3, S, S) | None
+    ids = ids.to(base.device)
+    pixels = pixels.to(base.device) if pixels is not None else None
+    lora = adapter.lora(base.device) if adapter is not None else None
+    gen = torch.Generator(base.device).manual_seed(seed) if seed is not None else None
+    tokens, shown, stamps = [], [""], []
+
+    def on_token(nxt):  # nxt (1,): called once per new token, after it is computed
+        tokens.append(int(nxt[0]))                                       # int() waits for the GPU
+        stamps.append(time.perf_counter())
+        text = proc.decode(tokens)
+        if stream is not None and not text.endswith("\ufffd"):          # never print half a UTF-8 character
+            stream(text[len(shown[0]):])
+            shown[0] = text
+
+    t0 = time.perf_counter()
+    out = M.generate(base.vlm, ids, pixel_values=pixels, lora=lora, lora_alpha=adapter.alpha if adapter else 128.0,
+                     max_new_tokens=max_new_tokens, eos_token_id=proc.eou_id, temperature=temperature, top_p=top_p,
+                     generator=gen, on_token=on_token)[0]
+    t1 = time.perf_counter()
+    rate = (len(stamps) - 1) / (stamps[-1] - stamps[0]) if len(stamps) > 1 and stamps[-1] > stamps[0] else None
+    return {"question": question, "answer": proc.decode(out).strip(),
+            "mode": "adapter" if adapter is not None else "video" if video is not None else "text",
+            "input_tokens": ids.shape[1], "visual_tokens": int((ids == proc.image_token_id).sum()),
+            "new_tokens": len(out), "ttft_s": stamps[0] - t0 if stamps else None, "tokens_per_s": rate,
+            "total_s": t1 - t0}
+
+
 class Session:
-    """The model, the processor and what every question reuses: the adapter, or the baseline's decoded video."""
+    """What every question of one call reuses: the base model, the adapter, or the baseline's decoded video."""
 
     def __init__(self, args):
         self.args = args
         path, self.qs = split_inputs(args)
         try:
             self.adapter = load_adapter(path) if path else None
-            size, model_dir = resolve_base(args, self.adapter.meta if self.adapter else None)
-            self.device = M.pick_device(args.device)
-            dtype = M.pick_dtype(args.dtype, self.device)
-            self.vlm, folder, _ = load_base(size, model_dir, self.device, dtype)
+            meta = self.adapter.meta if self.adapter else {}
+            size, model_dir = resolve_base(args, meta or None)
+            self.base = load_base(size, model_dir, args.device, args.dtype, args.frames or meta.get("frames", 12),
+                                  args.video_size or meta.get("video_size"))
             if self.adapter:
-                check_base(self.adapter, self.vlm, path)
-        except AdapterError as e:
+                check_base(self.adapter, self.base.vlm, path)
+        except (AdapterError, ValueError) as e:
             raise SystemExit(f"error: {e}") from None
-        meta = self.adapter.meta if self.adapter else {}
-        frames = args.frames or meta.get("frames", 12)
-        video_size = args.video_size or meta.get("video_size") or (384 if size in M.PRESETS and not model_dir else None)
-        self.proc = data.Processor(folder, max_frames=frames, video_size=video_size)
-        self.mode = "video" if args.video else "text" if args.no_adapter or not self.adapter else "adapter"
         self.clip = None
         if args.video:  # decoded once: every question reuses the frames, as a chat with the video would
             try:
-                self.clip = self.proc.load_video(args.video)
+                self.clip = self.base.proc.load_video(args.video)
             except data.DecodeError as e:
                 raise SystemExit(f"error: {e}") from None
-        self.lora = self.adapter.lora(self.device) if self.mode == "adapter" else None
-        what = self.adapter.describe() if self.mode == "adapter" else f"{self.mode} mode, no adapter"
-        print(f"device {self.device}, {str(dtype).replace('torch.', '')}; {what}", file=sys.stderr)
+        self.use = self.adapter if self.adapter and not (args.video or args.no_adapter) else None
+        what = self.use.describe() if self.use else ("video" if args.video else "text") + " mode, no adapter"
+        dtype = str(next(self.base.vlm.parameters()).dtype).replace("torch.", "")
+        print(f"device {self.base.device}, {dtype}; {what}", file=sys.stderr)
 
     def answer(self, question: str, stream) -> dict:
-        """Generate one answer; `stream(text)` receives each new piece of text as soon as it decodes cleanly."""
-        a, proc = self.args, self.proc
-        ids, pixels = proc.question_inputs(question, self.clip)             # (1, T), (F, 3, S, S) | None
-        ids = ids.to(self.device)
-        pixels = pixels.to(self.device) if pixels is not None else None
-        gen = torch.Generator(self.device).manual_seed(a.seed) if a.seed is not None else None
-        tokens, shown, stamps = [], [""], []
-
-        def on_token(nxt):  # nxt (1,): called once per new token, after it is computed
-            tokens.append(int(nxt[0]))                                       # int() waits for the GPU
-            stamps.append(time.perf_counter())
-            text = proc.decode(tokens)
-            if not text.endswith("\ufffd"):                                  # never print half a UTF-8 character
-                stream(text[len(shown[0]):])
-                shown[0] = text
-
-        t0 = time.perf_counter()
-        alpha = self.adapter.alpha if self.lora else 128.0
-        out = M.generate(self.vlm, ids, pixel_values=pixels, lora=self.lora, lora_alpha=alpha,
-                         max_new_tokens=a.max_new_tokens, eos_token_id=proc.eou_id, temperature=a.temperature,
-                         top_p=a.top_p, generator=gen, on_token=on_token)[0]
-        t1 = time.perf_counter()
-        rate = (len(stamps) - 1) / (stamps[-1] - stamps[0]) if len(stamps) > 1 and stamps[-1] > stamps[0] else None
-        return {"question": question, "answer": proc.decode(out).strip(), "mode": self.mode,
-                "input_tokens": ids.shape[1], "visual_tokens": int((ids == proc.image_token_id).sum()),
-                "new_tokens": len(out), "ttft_s": stamps[0] - t0 if stamps else None,
-                "tokens_per_s": rate, "total_s": t1 - t0}
+        a = self.args
+        return answer(self.base, question, self.use, self.clip, a.max_new_tokens, a.temperature, a.top_p, a.seed,
+                      stream)
 
 
 def parse_args(argv):

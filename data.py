@@ -329,6 +329,23 @@ class Processor:
         return decode_video(path, num_frames, self.max_frames, self.sample_fps, start, end,
                             frame_fn=lambda rgb: frame_pixels(rgb, self.video_size, self.side))
 
+    def clip_from_frames(self, frames: np.ndarray, fps: float, start=None, end=None) -> Clip:
+        """Frames already in memory, (N, H, W, 3) uint8 RGB, upright, frame i shown at i / fps -> the Clip that
+        load_video makes of a file holding them: the same [start, end) span rule, sampler and pixels."""
+        frames = np.asarray(frames)
+        if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8 or not len(frames):
+            raise DecodeError(f"frames must be a non-empty (N, H, W, 3) uint8 array, got {frames.dtype} "
+                              f"{tuple(frames.shape)}")
+        if not (fps > 0 and math.isfinite(fps)):
+            raise DecodeError(f"frames need a positive fps, got {fps}")
+        lo = 0 if start is None else max(0, math.ceil(start * fps - 1e-9))   # the first frame shown at or after
+        hi = len(frames) if end is None else min(len(frames), math.ceil(end * fps - 1e-9))
+        if hi <= lo:
+            raise DecodeError(f"no frames in [{start}, {end}) s")
+        idx = smolvlm_indices(hi - lo, fps, self.max_frames, self.sample_fps)
+        pixels = [frame_pixels(np.ascontiguousarray(frames[lo + i]), self.video_size, self.side) for i in idx]
+        return Clip(pixels, idx, [i / fps for i in idx], hi - lo, fps)
+
     def _video_inputs(self, video, text: str, add_generation_prompt: bool):
         clip = video if isinstance(video, Clip) else self.load_video(video)
         msg = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": text}]}]

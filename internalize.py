@@ -14,88 +14,91 @@ each by default) and stacked in rank space: the paper's chunked path, zero-shot 
 from __future__ import annotations
 
 import argparse
-import math
+import hashlib
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 import data
 import model as M
 from adapter import Adapter, adapter_from_lora, base_facts, concat_adapters, save_adapter, sha256_file
-from hypernet import compile_hypernet, load_hypernet
+from hypernet import HyperNet, compile_hypernet, load_hypernet
 
 ROOT = Path(__file__).resolve().parent
 
 
-# ------------------------------------------------------------------------------------------------ setup
+# ------------------------------------------------------------------------------------------------ loading
+@dataclass
+class Base:
+    """The frozen base model and what turns videos and text into its inputs; ask.py needs no more."""
+    vlm: M.SmolVLM
+    proc: data.Processor
+    device: torch.device
+    meta: dict                 # base-model facts every adapter made or read with it carries (adapter.py)
+
+
+@dataclass
+class Models(Base):
+    hyper: HyperNet = None     # the hypernetwork, checked to fit `vlm` (internalize needs it)
+
+
+def load_base(size: str | None = "tiny", model: str | None = None, device="auto", dtype="auto",
+              frames: int = 12, video_size: int | None = None) -> Base:
+    """The base model of a preset size (tiny ships here; 256M, 500M, 2.2B from the HF cache or hub) or of a local
+    SmolVLM2 folder. A released size reads 384-px frames (method.md §2); a folder of our own keeps its processor's
+    frame size. Raises ValueError (one line) when there is nothing loadable there."""
+    device = M.pick_device(device)
+    dtype = M.pick_dtype(dtype, device)
+    size = None if model is not None else (size or "tiny")
+    path = M.resolve_model_dir(size, model)
+    if not (Path(path) / "config.json").is_file():
+        raise ValueError(f"no base model at {path} (pass --model DIR or --size)")
+    try:
+        vlm = M.load_model(path, dtype=dtype, device=device)
+    except (ValueError, FileNotFoundError) as e:
+        raise ValueError(f"{path}: {e}") from None
+    proc = data.Processor(path, max_frames=frames, video_size=video_size or (384 if size in M.PRESETS else None))
+    ident = M.PRESETS.get(size, size) if model is None else Path(model).name
+    meta = {"base_model": ident, "base_size": size, "base_model_dir": str(Path(path).resolve()), **base_facts(vlm),
+            "frames": proc.max_frames, "video_size": proc.video_size, "frame_side": proc.side}
+    return Base(vlm, proc, device, meta)
+
+
+def load_models(size: str | None = "tiny", model: str | None = None, hypernet=None, device="auto", dtype="auto",
+                frames: int = 12, video_size: int | None = None, compile: bool = False) -> Models:
+    """Base model + hypernetwork, loaded once for any number of videos. `hypernet`: a folder or .safetensors of
+    ours (default: the one shipped for the size). Raises ValueError (one line) on a missing or mismatched one."""
+    if hypernet is None and model is not None:
+        raise ValueError("--model needs --hypernet (a hypernetwork trained for that base model)")
+    base = load_base(size, model, device, dtype, frames, video_size)
+    path = Path(hypernet) if hypernet else ROOT / "checkpoints" / (size or "tiny") / "hypernet"
+    weights = path if path.suffix == ".safetensors" else path / "hypernet.safetensors"
+    if not weights.is_file():
+        raise ValueError(f"no hypernetwork at {path} (train one with train.py, or pass --hypernet)")
+    try:
+        hyper = load_hypernet(path, base.vlm.config, device=base.device).eval().requires_grad_(False)
+    except (ValueError, KeyError, OSError) as e:
+        raise ValueError(f"hypernetwork {path}: {str(e).splitlines()[0]}") from None
+    hyper = compile_hypernet(hyper, compile)  # opt-in: compiling costs more than one video saves
+    c = hyper.config
+    meta = {**base.meta, "hypernet": str(path), "hypernet_sha256": sha256_file(weights), "alpha": c.alpha,
+            "rank": c.rank, "num_layers": c.num_layers, "targets": [list(s) for s in c.target_shapes]}
+    return Models(base.vlm, base.proc, base.device, meta, hyper)
+
+
 def sync(device: torch.device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)  # GPU work is asynchronous: time what ran, not what was queued
 
 
-def load_base(size, model_dir, device, dtype):
-    """-> (vlm, model folder, base-model metadata for the adapter). Errors are one line."""
-    try:
-        path = M.resolve_model_dir(size, model_dir)
-    except ValueError as e:
-        raise SystemExit(f"error: {e}") from None
-    if not (Path(path) / "config.json").is_file():
-        raise SystemExit(f"error: no base model at {path} (pass --model DIR or --size)")
-    try:
-        vlm = M.load_model(path, dtype=dtype, device=device)
-    except (ValueError, FileNotFoundError) as e:
-        raise SystemExit(f"error: {path}: {e}") from None
-    ident = M.PRESETS.get(size, size) if model_dir is None else Path(model_dir).name
-    meta = {"base_model": ident or "tiny", "base_size": size if model_dir is None else None,
-            "base_model_dir": str(Path(path).resolve()), **base_facts(vlm)}
-    return vlm, Path(path), meta
-
-
-@dataclass
-class Models:
-    vlm: M.SmolVLM
-    hyper: torch.nn.Module
-    proc: data.Processor
-    device: torch.device
-    meta: dict                 # base-model and hypernetwork facts every adapter from these models carries
-
-
-def load_models(args) -> Models:
-    device = M.pick_device(args.device)
-    dtype = M.pick_dtype(args.dtype, device)
-    size = args.size if args.model is None else None
-    vlm, path, meta = load_base(size or "tiny", args.model, device, dtype)
-    hyper_path = Path(args.hypernet) if args.hypernet else ROOT / "checkpoints" / (size or "tiny") / "hypernet"
-    weights = hyper_path if hyper_path.suffix == ".safetensors" else hyper_path / "hypernet.safetensors"
-    if args.hypernet is None and args.model is not None:
-        raise SystemExit("error: --model needs --hypernet (a hypernetwork trained for that base model)")
-    if not weights.is_file():
-        raise SystemExit(f"error: no hypernetwork at {hyper_path} (train one with train.py, or pass --hypernet)")
-    try:
-        hyper = load_hypernet(hyper_path, vlm.config, device=device).eval().requires_grad_(False)
-    except (ValueError, KeyError, OSError) as e:
-        raise SystemExit(f"error: hypernetwork {hyper_path}: {str(e).splitlines()[0]}") from None
-    hyper = compile_hypernet(hyper, args.compile)  # opt-in: compiling costs more than one video saves
-    # A released size reads 384-px frames (method.md §2); a folder of our own keeps its processor's frame size.
-    video_size = args.video_size or (384 if size in M.PRESETS else None)
-    proc = data.Processor(path, max_frames=args.frames, video_size=video_size)
-    c = hyper.config
-    meta.update(hypernet=str(hyper_path), hypernet_sha256=sha256_file(weights), alpha=c.alpha, rank=c.rank,
-                num_layers=c.num_layers, targets=[list(s) for s in c.target_shapes], frames=proc.max_frames,
-                video_size=proc.video_size, frame_side=proc.side)
-    print(f"device {device}, {str(dtype).replace('torch.', '')}; base {meta['base_model']} ({path}); "
-          f"hypernetwork {hyper_path}", file=sys.stderr)
-    return Models(vlm, hyper, proc, device, meta)
-
-
-# ------------------------------------------------------------------------------------------------ segments
-def encode_segment(m: Models, path: Path, start, end, timings: dict) -> tuple[dict, int, int]:
-    """One segment -> (LoRA {t: (A (1, L, 2r, d_in), B (1, L, 2r, d_out))}, frames read, prompt tokens)."""
+# ------------------------------------------------------------------------------------------------ internalizing
+def encode_segment(m: Models, clip: data.Clip, timings: dict) -> tuple[dict, int]:
+    """One decoded segment -> (LoRA {t: (A (1, L, 2r, d_in), B (1, L, 2r, d_out))}, prompt tokens)."""
     t0 = time.perf_counter()
-    clip = m.proc.load_video(path, start=start, end=end)               # DecodeError on a bad file or range
     ids, pixels = m.proc.internalization_inputs(clip)                  # (1, T), (F, 3, S, S)
     t1 = time.perf_counter()
     with torch.no_grad():  # method.md §2: the plain model, no LoRA, no LM head; keep the L states entering layers
@@ -103,38 +106,50 @@ def encode_segment(m: Models, path: Path, start, end, timings: dict) -> tuple[di
         hidden = torch.stack(out.hidden_states, dim=1)                 # L x (1, T, D) -> (1, L, T, D)
         sync(m.device)
         t2 = time.perf_counter()
-        lora = m.hyper(hidden, torch.ones_like(ids, device=m.device))    # §3: generated rows, then static rows
+        lora = m.hyper(hidden, torch.ones_like(ids, device=m.device))  # §3: generated rows, then static rows
         sync(m.device)
     t3 = time.perf_counter()
     for key, dt in (("decode", t1 - t0), ("VLM encode", t2 - t1), ("hypernetwork", t3 - t2)):
         timings[key] = timings.get(key, 0.0) + dt
-    return lora, len(clip.frames), ids.shape[1]
+    return lora, ids.shape[1]
 
 
-def internalize_video(m: Models, path: Path, args) -> tuple[Adapter, dict, str]:
-    """Every segment of one video -> one adapter (segments composed in rank space), timings, a summary line."""
-    timings = {"decode": 0.0}
+def internalize(m: Models, video, start: float | None = None, end: float | None = None, segments: int | None = None,
+                segment_seconds: float | None = None, fps: float | None = None, timings: dict | None = None) -> Adapter:
+    """A video -> its adapter. `video` is a file path, or the clip's frames as a (N, H, W, 3) uint8 array with their
+    `fps`. The span [start, end) s (default: all of it) is cut into `segments` equal parts or parts of
+    `segment_seconds`, each internalized on its own and stacked in rank space (method.md §7); one part by default.
+    `timings`, if given, collects seconds per phase. Raises data.DecodeError on a bad file or span."""
+    timings = {} if timings is None else timings
     t0 = time.perf_counter()
-    video_sha = sha256_file(path)
-    start = args.start or 0.0
-    end = args.end
-    if end is None:  # the video's length, from a one-frame read (data.py counts frames by demuxing only)
-        end = start + m.proc.load_video(path, start=args.start, num_frames=1).duration
+    if isinstance(video, (str, Path)):
+        path = Path(video)
+        source = {"video": path.name, "video_sha256": sha256_file(path)}
+        load = lambda s, e: m.proc.load_video(path, start=s, end=e)   # noqa: E731
+        length = lambda: m.proc.load_video(path, start=start, num_frames=1).duration   # noqa: E731
+    else:
+        if fps is None:
+            raise ValueError("frames given as an array need their fps")
+        frames = np.asarray(video)
+        source = {"video": "<array>", "video_sha256": hashlib.sha256(frames.tobytes()).hexdigest()}
+        load = lambda s, e: m.proc.clip_from_frames(frames, fps, start=s, end=e)   # noqa: E731
+        length = lambda: len(frames) / fps - (start or 0.0)   # noqa: E731
+    start = start or 0.0
+    end = start + length() if end is None else end   # a one-frame read: data.py counts frames by demuxing only
     if end <= start:
-        raise data.DecodeError(f"{path}: empty range [{start}, {end}) s")
-    timings["decode"] += time.perf_counter() - t0
-    parts, frames, tokens = [], [], 0
-    for s, e in data.plan_segments(start, end, args.segments, args.segment_seconds):
-        lora, n_frames, T = encode_segment(m, path, s, e, timings)
-        seg = {"video": path.name, "video_sha256": video_sha, "start": round(s, 6), "end": round(e, 6),
-               "frames": n_frames, "weight": 1.0}
+        raise data.DecodeError(f"{source['video']}: empty range [{start}, {end}) s")
+    parts, n_frames, tokens = [], [], 0
+    for s, e in data.plan_segments(start, end, segments, segment_seconds):
+        t1 = time.perf_counter()
+        clip = load(s, e)
+        timings["decode"] = timings.get("decode", 0.0) + time.perf_counter() - t1
+        lora, T = encode_segment(m, clip, timings)
+        seg = {**source, "start": round(s, 6), "end": round(e, 6), "frames": len(clip.frames), "weight": 1.0}
         parts.append(adapter_from_lora(lora, m.hyper.config.rank, {**m.meta, "segments": [seg]}))
-        frames.append(n_frames)
+        n_frames.append(len(clip.frames))
         tokens = max(tokens, T)
-    adapter = concat_adapters(parts, meta={"created_by": "internalize.py"})
-    note = (f"{len(parts)} segment(s), frames {'+'.join(map(str, frames))}, up to {tokens} tokens read | "
-            + ", ".join(f"{k} {v:.2f} s" for k, v in timings.items()))
-    return adapter, timings, note
+    timings.update(frames=n_frames, tokens=tokens, total=time.perf_counter() - t0)
+    return concat_adapters(parts, meta={"created_by": "internalize.py"})
 
 
 # ------------------------------------------------------------------------------------------------ CLI
@@ -189,16 +204,26 @@ def main(argv=None):
             raise SystemExit(f"error: {v}: no such file")
     outs = output_paths(videos, args.out)
     t0 = time.perf_counter()
-    m = load_models(args)
+    try:
+        m = load_models(args.size, args.model, args.hypernet, args.device, args.dtype, args.frames, args.video_size,
+                        args.compile)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+    print(f"device {m.device}, {str(next(m.vlm.parameters()).dtype).replace('torch.', '')}; base "
+          f"{m.meta['base_model']} ({m.meta['base_model_dir']}); hypernetwork {m.meta['hypernet']}", file=sys.stderr)
     print(f"models loaded in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
     save_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.save_dtype]
     for video, out in zip(videos, outs):
+        timings = {}
         try:
-            adapter, _, note = internalize_video(m, video, args)
+            adapter = internalize(m, video, args.start, args.end, args.segments, args.segment_seconds, timings=timings)
         except data.DecodeError as e:
             raise SystemExit(f"error: {e}") from None
         save_adapter(out, adapter, save_dtype)
-        print(f"{video.name}: {note}", file=sys.stderr)
+        frames, tokens = timings.pop("frames"), timings.pop("tokens")
+        timings.pop("total")
+        print(f"{video.name}: {len(frames)} segment(s), frames {'+'.join(map(str, frames))}, up to {tokens} tokens "
+              "read | " + ", ".join(f"{k} {v:.2f} s" for k, v in timings.items()), file=sys.stderr)
         print(f"wrote {out} ({out.stat().st_size / 1e6:.2f} MB, rank {adapter.meta['generated_rank']}"
               f"+{adapter.meta['rank']})")
 

@@ -155,6 +155,29 @@ def test_baseline_and_text_modes(w, capsys):
     assert (t["mode"], t["visual_tokens"], t["answer"]) == ("text", 0, proc.decode(gen).strip())
 
 
+def test_python_api_loads_once_and_equals_the_cli(w, capsys):
+    """From Python, no argparse: the models load once, a video given as a path or as its decoded frames makes the
+    same adapter the CLI writes, and answers come from any number of adapters without reloading the base."""
+    import av
+    import numpy as np
+
+    models = internalize.load_models(model=w / "base", hypernet=w / "hyper")
+    from_path = internalize.internalize(models, w / "clip.mp4")
+    run_internalize(w, "-o", str(w / "api.safetensors"))
+    from_cli = adapter.load_adapter(w / "api.safetensors")
+    assert all(torch.equal(from_path.ab[t][i], from_cli.ab[t][i]) for t in from_cli.ab for i in (0, 1))
+    with av.open(str(w / "clip.mp4")) as c:
+        frames = np.stack([f.to_ndarray(format="rgb24") for f in c.decode(video=0)])
+    from_frames = internalize.internalize(models, frames, fps=8)
+    assert all(torch.equal(from_path.ab[t][i], from_frames.ab[t][i]) for t in from_cli.ab for i in (0, 1))
+    halves = [internalize.internalize(models, w / "clip.mp4", start=s, end=e) for s, e in ((0, 2), (2, 4))]
+    composed = adapter.concat_adapters(halves)
+    assert composed.meta["generated_rank"] == 2 * composed.meta["rank"]
+    answers = [ask.answer(models, "What color is the square?", a, max_new_tokens=6) for a in (from_path, composed)]
+    (cli,) = ask_json(capsys, w / "api.safetensors", "What color is the square?")
+    assert answers[0]["answer"] == cli["answer"] and all(a["visual_tokens"] == 0 for a in answers)
+
+
 def test_peft_export_gives_the_same_logits(w):
     from peft import PeftModel
     from transformers import SmolVLMForConditionalGeneration
