@@ -64,7 +64,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-import adapter as A
+from adapter import AdapterError, load_adapter, save_adapter
 import data
 import model as M
 from internalize import internalize_video, load_models
@@ -432,14 +432,14 @@ def adapter_for(m, span: tuple, cache: Path):
     path = cache / f"{Path(video).stem}.{tag}.safetensors"
     if path.is_file():
         try:
-            adapter = A.load(path, m.vlm)
+            adapter = load_adapter(path, m.vlm)
             if all(adapter.meta.get(k) == m.meta[k] for k in ("hypernet_sha256", "frames", "video_size")):
                 return adapter
-        except A.AdapterError:
+        except AdapterError:
             pass                                                   # corrupted or foreign: made again
     span_args = argparse.Namespace(start=start, end=end, segments=None, segment_seconds=None)
     adapter, _, _ = internalize_video(m, Path(video), span_args)
-    A.save(path, adapter)
+    save_adapter(path, adapter)
     return adapter
 
 
