@@ -5,7 +5,7 @@ video's adapter alone (zero visual tokens) and from the text alone; then the pap
     python eval.py nextqa --annotations nextqa/val.csv map_vid_vidorID.json --videos NExTVideo/ --size 2.2B
     torchrun --nproc-per-node 8 eval.py activitynet-captions --annotations val_1.json --videos anet/ --size 500M
     python eval.py toy --kinds color,shape,direction,count     # the toy world's fidelity row, shipped checkpoints
-    python eval.py vdc --annotations VDC_1k.jsonl --report     # the table again from the answers already written
+    python eval.py vdc --report --judge-url http://localhost:8000/v1 --judge-model NAME   # grade what is written
 
 Spec: ../shared/design/method.md §8-§9. Answers are greedy, --max-new-tokens 128, 12 frames at 384 px (§11).
 Conditions: "video" = the prompt with the video (or its segment) in context, the paper's Base; "adapter" = the
@@ -45,28 +45,29 @@ resamples, seed 0; --bootstrap-unit video resamples whole videos, a cluster boot
 video are not independent). Margin: delta = --margin, or --margin-rel rho x (in-context mean), rho = 0.4 by default
 (method.md §8: reproduces every flag of the paper). NI <=> CI_low > -delta; Eq <=> -delta < CI_low and CI_high < delta.
 
-Files in --out: config.json (what the answers depend on; a rerun with other settings is refused), answers.jsonl
-(answers.rank{R}.jsonl under torchrun: one per rank), one line per (item, condition) appended as it comes,
-flushed and fsynced; a rerun skips the pairs any of these files holds, so a crashed rank is rerun alone (same
-world size, or any) and a cut-short last line is dropped. judge.jsonl likewise; adapters/ (one per video span,
-reused by every prompt on it); report.md and report.json.
+Files in --out: config.json (what the answers depend on; a rerun with other settings is refused); answers.jsonl,
+or answers.rank{R}.jsonl for rank R of W under torchrun (RANK, WORLD_SIZE, LOCAL_RANK: every W-th video, this
+node's GPU LOCAL_RANK), one line per (item, condition), appended, flushed and fsynced as it comes. A rerun skips every
+pair any answers file holds and answers a cut-short last line again. Ranks never wait for each other: whichever
+completes the set prints the table, so a crashed rank is rerun alone (RANK=3 WORLD_SIZE=8 python eval.py ...).
+judge.jsonl caches the judge's grades; adapters/ holds one adapter per video span, reused by every prompt on it;
+report.md and report.json hold the table.
 """
 from __future__ import annotations
 
-import argparse, csv, hashlib, json, os, re, string, sys, time, urllib.error, urllib.request
+import argparse, csv, hashlib, io, json, os, re, string, sys, time, urllib.error, urllib.request
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, replace
-from datetime import timedelta
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from adapter import AdapterError, load_adapter, save_adapter
 import data
 import model as M
+from adapter import AdapterError, load_adapter, save_adapter, write_atomic
 from internalize import internalize_video, load_models
 
 CONDITIONS = {"video": "in context", "adapter": "adapter", "text": "text only"}
@@ -90,20 +91,23 @@ class Item:
 
 
 # ------------------------------------------------------------------------------------------------ readers
+def read_text(path) -> str:
+    try:
+        return Path(path).read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise EvalError(f"{path}: unreadable annotation file ({e})") from None
+
+
 def load_json(path):
     try:
-        return json.loads(Path(path).read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        return json.loads(read_text(path))
+    except json.JSONDecodeError as e:
         raise EvalError(f"{path}: unreadable annotation file ({e})") from None
 
 
 def jsonl_rows(path):
     """(line number, object) for each non-blank line; a line that is not JSON is an error naming it."""
-    try:
-        lines = Path(path).read_text().splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise EvalError(f"{path}: unreadable annotation file ({e})") from None
-    for n, line in enumerate(lines, 1):
+    for n, line in enumerate(read_text(path).splitlines(), 1):
         if line.strip():
             try:
                 yield n, json.loads(line)
@@ -116,7 +120,8 @@ ANETQA_TYPES = ("motion", "spatial", "temporal", "yes/no", "color", "object", "l
 VDC_PROMPTS = {"short": "Write a one-sentence summary of the video.",
                "detailed": "Describe the video based on these frames in a few sentences.",
                "background": "Describe the background, including objects, location, weather, and time.",
-               "main_object": "Describe the main subject, including their attributes and movements throughout the video.",
+               "main_object": "Describe the main subject, including their attributes and movements throughout the "
+                              "video.",
                "camera": "What are the camera angles and movements throughout the video?"}
 
 
@@ -132,27 +137,29 @@ def read_activitynet_captions(files):
 
 
 def read_activitynet_qa(files):
-    q_file = Path(files[0])
-    a_file = Path(files[1]) if len(files) > 1 else q_file.with_name(q_file.name.replace("_q.json", "_a.json"))
+    q_file = files[0]
+    a_file = files[1] if len(files) > 1 else q_file.with_name(q_file.name.replace("_q.json", "_a.json"))
     answers = {a["question_id"]: a for a in load_json(a_file)}
-    return [Item(q["question_id"], f"v_{q['video_name']}", q["question"], (str(answers[q["question_id"]]["answer"]),),
-                 ANETQA_TYPES[answers[q["question_id"]]["type"]], alt=(q["video_name"],)) for q in load_json(q_file)]
+    items = []
+    for q in load_json(q_file):
+        a = answers[q["question_id"]]
+        items.append(Item(q["question_id"], f"v_{q['video_name']}", q["question"], (str(a["answer"]),),
+                          ANETQA_TYPES[a["type"]], alt=(q["video_name"],)))
+    return items
 
 
 def read_nextqa(files):
-    path = Path(files[0])
-    vmap = path.with_name("map_vid_vidorID.json") if len(files) < 2 else Path(files[1])
+    path, vmap, extra = files[0], files[1] if len(files) > 1 else None, None
+    vmap = vmap or path.with_name("map_vid_vidorID.json")              # video id -> "folder/video id"
     vmap = load_json(vmap) if len(files) > 1 or vmap.is_file() else {}
-    extra = path.with_name(f"add_reference_answer_{path.stem}.json")
+    extra = path.with_name(f"add_reference_answer_{path.stem}.json")   # {video id: {qid: second answer}}
     extra = load_json(extra) if extra.is_file() else {}
-    try:
-        with open(path, newline="") as f:
-            rows = list(csv.DictReader(f))
-    except (OSError, UnicodeDecodeError, csv.Error) as e:
-        raise EvalError(f"{path}: unreadable annotation file ({e})") from None
-    return [Item(f"{r['video']}_{r['qid']}", vmap.get(r["video"], r["video"]), r["question"],
-                 (r["answer"], *([extra[r["video"]][r["qid"]]] if r["qid"] in extra.get(r["video"], {}) else [])),
-                 r["type"]) for r in rows]
+    items = []
+    for r in csv.DictReader(io.StringIO(read_text(path), newline="")):
+        second = extra.get(r["video"], {}).get(r["qid"])
+        items.append(Item(f"{r['video']}_{r['qid']}", vmap.get(r["video"], r["video"]), r["question"],
+                          (r["answer"], *([second] if second else [])), r["type"]))
+    return items
 
 
 def read_vdc(files):
@@ -166,15 +173,16 @@ def read_jsonl(files):
         refs = d.get("references")
         if not (isinstance(d.get("video"), str) and isinstance(d.get("prompt"), str) and isinstance(refs, list)
                 and refs and all(isinstance(r, str) for r in refs)):
-            raise EvalError(f"{files[0]}:{n}: needs \"video\" and \"prompt\" strings and \"references\", a list of strings")
-        span = [None if d.get(k) is None else float(d[k]) for k in ("start", "end")]
+            raise EvalError(f'{files[0]}:{n}: needs "video" and "prompt" strings and "references", a list of strings')
+        start, end = (None if d.get(k) is None else float(d[k]) for k in ("start", "end"))
         items.append(Item(str(d.get("id", f"line{n}")), d["video"], d["prompt"], tuple(refs), str(d.get("kind", "")),
-                          *span))
+                          start, end))
     return items
 
 
 def read_toy(files):
-    return [Item(d["id"], d["video_path"], d["prompt"], (d["target_text"],), d["kind"]) for _, d in jsonl_rows(files[0])]
+    return [Item(d["id"], d["video_path"], d["prompt"], (d["target_text"],), d["kind"])
+            for _, d in jsonl_rows(files[0])]
 
 
 # name -> (reader, default metrics, default annotation files)
@@ -191,9 +199,9 @@ def read_items(bench: str, files: list[str]) -> list[Item]:
         raise EvalError(f"unknown benchmark {bench!r}; known: {', '.join(BENCHMARKS)}")
     try:
         items = BENCHMARKS[bench][0]([Path(f) for f in files])
-    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:
-        if isinstance(e, EvalError):
-            raise
+    except EvalError:
+        raise
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError, csv.Error) as e:  # a field missing, ...
         raise EvalError(f"{files[0]}: not in {bench}'s format ({type(e).__name__}: {e})") from None
     if not items:
         raise EvalError(f"{files[0]}: no items")
@@ -316,7 +324,8 @@ def statistics(records: list[dict], metrics, args) -> list[dict]:
                    and all(metric in v.get(c, {}) for c in ("video", "adapter"))]
             if not its:
                 continue
-            col = {c: np.array([v[c][metric] for v in its]) for c in CONDITIONS if all(metric in v.get(c, {}) for v in its)}
+            col = {c: np.array([v[c][metric] for v in its])                     # condition -> (n,) scores
+                   for c in CONDITIONS if all(metric in v.get(c, {}) for v in its)}
             groups = [v["video"] for v in its] if args.bootstrap_unit == "video" else None
             d, lo, hi = paired_bootstrap(col["adapter"], col["video"], args.bootstrap, args.seed, groups)
             delta = args.margin if args.margin is not None else args.margin_rel * col["video"].mean()
@@ -326,8 +335,8 @@ def statistics(records: list[dict], metrics, args) -> list[dict]:
 
 
 def table(rows: list[dict]) -> str:
-    head = ("| metric | kind | n | in context | adapter | text only | adapter - in context | 95 % CI | delta | NI | Eq |\n"
-            "|---|---|---|---|---|---|---|---|---|---|---|")
+    head = ("| metric | kind | n | in context | adapter | text only | adapter - in context | 95 % CI | delta | NI | Eq "
+            "|\n" + "|---" * 11 + "|")
     fmt = lambda r, c: f"{r[c]:.3f}" if c in r else "-"  # noqa: E731
     return "\n".join([head] + [f"| {r['metric']} | {r['kind']} | {r['n']} | {fmt(r, 'video')} | {fmt(r, 'adapter')} | "
                                f"{fmt(r, 'text')} | {r['diff']:+.3f} | [{r['ci'][0]:+.3f}, {r['ci'][1]:+.3f}] | "
@@ -380,14 +389,16 @@ def scored(records: list[dict], metrics, args, out: Path) -> list[dict]:
         r["scores"] = {m: METRICS[m](r["answer"], r["references"]) for m in metrics}
     if not args.judge_url:
         return ok
-    key = lambda r: hashlib.sha1(json.dumps([r["id"], r["condition"], args.judge_model, r["answer"]]).encode()).hexdigest()  # noqa: E731
+    def key(r):
+        return hashlib.sha1(json.dumps([r["id"], r["condition"], args.judge_model, r["answer"]]).encode()).hexdigest()
     cache = {j["key"]: j["judge"] for j in read_records(out / "judge.jsonl")}
     todo = list({key(r): r for r in ok if key(r) not in cache}.values())
     pool = ThreadPoolExecutor(args.judge_workers)
     try:
         with open_append(out / "judge.jsonl") as f:
             jobs = {pool.submit(judge, r["prompt"], r["references"], r["answer"], args.judge_url, args.judge_model,
-                                os.environ.get(args.judge_key_env), args.judge_timeout, args.judge_retries): r for r in todo}
+                                os.environ.get(args.judge_key_env), args.judge_timeout, args.judge_retries): r
+                    for r in todo}
             for job in tqdm(jobs, desc="judge", unit="answer", disable=not todo):
                 cache[key(jobs[job])] = job.result()      # an EvalError stops here; what was graded stays cached
                 append(f, {"key": key(jobs[job]), "id": jobs[job]["id"], "judge": cache[key(jobs[job])]})
@@ -398,12 +409,6 @@ def scored(records: list[dict], metrics, args, out: Path) -> list[dict]:
     return ok
 
 
-def write_atomic(path: Path, text: str):
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def report(out: Path, ids, metrics, args) -> str:
     """The paper's table from every rank's answers (restricted to `ids` when given); writes report.md/.json."""
     records = [r for r in answer_records(out) if (ids is None or r["id"] in ids)
@@ -412,14 +417,16 @@ def report(out: Path, ids, metrics, args) -> str:
         raise EvalError(f"{out}: no answers yet")
     failed = sorted({f"{r['id']} ({r['error']})" for r in records if "error" in r})
     rows = statistics(scored(records, metrics, args, out), [*metrics, *(["judge"] if args.judge_url else [])], args)
+    if not rows:
+        raise EvalError(f"{out}: no item has both an in-context and an adapter answer yet")
     margin = f"delta = {args.margin}" if args.margin is not None else f"delta = {args.margin_rel} x in-context mean"
     text = (f"{args.bench}: {len({r['id'] for r in records})} items on {len({r['video'] for r in records})} videos; "
             f"{margin}; 95 % CI: percentile paired bootstrap over {args.bootstrap_unit}s, {args.bootstrap} resamples, "
             f"seed {args.seed}\n\n{table(rows)}\n")
     if failed:
-        text += f"\n{len(failed)} items failed and are left out: {', '.join(failed[:5])}{' ...' if len(failed) > 5 else ''}\n"
-    write_atomic(out / "report.md", text)
-    write_atomic(out / "report.json", json.dumps({"rows": rows, "failed": failed}, indent=1) + "\n")
+        text += f"\n{len(failed)} items failed, left out: {', '.join(failed[:5])}{' ...' * (len(failed) > 5)}\n"
+    write_atomic(out / "report.md", lambda tmp: tmp.write_text(text))
+    write_atomic(out / "report.json", lambda tmp: tmp.write_text(json.dumps({"rows": rows, "failed": failed}) + "\n"))
     return text
 
 
@@ -513,7 +520,7 @@ def parse_args(argv):
     p.add_argument("--limit", type=int, help="only the first N videos of the annotation file")
     p.add_argument("--kinds", type=lambda s: s.split(","), help="only these kinds (question types, caption styles)")
     p.add_argument("--conditions", type=lambda s: s.split(","), default=list(CONDITIONS),
-                   help="comma-separated subset of video,adapter,text (default: all three)")
+                   help="comma-separated subset of video,adapter,text (default: all; statistics pair the first two)")
     p.add_argument("--prompt-template", default="{prompt}",
                    help='wrap every prompt, e.g. "{prompt} Answer only the question, in one sentence."')
     p.add_argument("--size", default=None, help="base model preset: tiny (default), 256M, 500M, 2.2B")
@@ -534,7 +541,7 @@ def parse_args(argv):
     p.add_argument("--bootstrap-unit", choices=["item", "video"], default="item", help="what the bootstrap resamples")
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
     p.add_argument("--judge-url", help="OpenAI-compatible base URL, e.g. http://localhost:8000/v1")
-    p.add_argument("--judge-model", default="gpt-4o-mini", help="model name sent to the judge endpoint")
+    p.add_argument("--judge-model", help="model name sent to the judge endpoint")
     p.add_argument("--judge-key-env", default="OPENAI_API_KEY", help="environment variable holding the API key")
     p.add_argument("--judge-timeout", type=float, default=60.0, help="seconds per judge request")
     p.add_argument("--judge-retries", type=int, default=3, help="retries per judge request (exponential backoff)")
@@ -543,9 +550,11 @@ def parse_args(argv):
     args = p.parse_args(argv)
     if bad := [c for c in args.conditions if c not in CONDITIONS]:
         p.error(f"unknown condition(s) {bad}; choose from {', '.join(CONDITIONS)}")
-    if not {"video", "adapter"} <= set(args.conditions) and not args.report:
-        p.error("--conditions needs video and adapter: the statistics pair them")
-    if min(args.batch, args.frames, args.max_new_tokens, args.bootstrap, args.limit or 1) < 1:
+    if "{prompt}" not in args.prompt_template:
+        p.error("--prompt-template must contain {prompt}")
+    if args.judge_url and not args.judge_model:
+        p.error("--judge-url needs --judge-model (the paper's judge is unknown: name yours)")
+    if min(args.batch, args.frames, args.max_new_tokens, args.bootstrap, 1 if args.limit is None else args.limit) < 1:
         p.error("--batch, --frames, --max-new-tokens, --bootstrap and --limit must be >= 1")
     return args
 
@@ -576,6 +585,9 @@ def _main(args):
         return
     if not files:
         raise EvalError(f"{args.bench} needs --annotations FILE")
+    if args.bench == "toy" and not Path(files[0]).is_file():
+        raise EvalError(f"no toy manifest at {files[0]}; write the held-out clips first: "
+                        f"python -m toy.world clips --split heldout --n 200 --out {Path(files[0]).parent}")
     items = select(read_items(args.bench, files), args)
     videos = Path(args.videos or Path(files[0]).parent)
     if not videos.is_dir():
@@ -588,10 +600,10 @@ def _main(args):
         print(f"warning: {len(missing)} of {n_videos} videos not found under {videos}, their items skipped: "
               f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''} (all in {out}/missing_videos.txt)",
               file=sys.stderr)
+    # torchrun sets these: rank r of W takes every W-th video and this node's GPU LOCAL_RANK. Ranks never wait for
+    # each other: the one that completes the set prints the table, so a crashed rank is rerun alone with its env.
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    if world > 1:  # torchrun: one process per GPU; gloo only for the final barrier
-        torch.distributed.init_process_group("gloo", timeout=timedelta(hours=72))
-        args.device = str(M.pick_device(args.device, int(os.environ.get("LOCAL_RANK", 0))))
+    args.device = str(M.pick_device(args.device, int(os.environ.get("LOCAL_RANK", 0))))
     m = load_models(args)
     config = {"benchmark": args.bench, "base_model": m.meta["base_model"], "base_weights_sha256":
               m.meta["base_weights_sha256"], "hypernet_sha256": m.meta["hypernet_sha256"], "frames": m.meta["frames"],
@@ -602,17 +614,18 @@ def _main(args):
         raise EvalError(f"{out} holds answers made with other settings ({diff}); pass another --out")
     args.adapter_cache = out / "adapters"
     args.adapter_cache.mkdir(parents=True, exist_ok=True)
-    if rank == 0:
-        write_atomic(out / "config.json", json.dumps(config, indent=1) + "\n")
-        write_atomic(out / "missing_videos.txt", "".join(f"{v}\n" for v in missing))
+    write_atomic(out / "config.json", lambda tmp: tmp.write_text(json.dumps(config, indent=1) + "\n"))
+    write_atomic(out / "missing_videos.txt", lambda tmp: tmp.write_text("".join(f"{v}\n" for v in missing)))
     items = [replace(it, prompt=args.prompt_template.format(prompt=it.prompt)) for it in items]
     done = {(r["id"], r["condition"]) for r in answer_records(out)}
     with open_append(out / (f"answers.rank{rank}.jsonl" if world > 1 else "answers.jsonl")) as f:
         run(m, items, done, f, args, rank, world)
-    if world > 1:
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
-    if rank == 0:
+    done = {(r["id"], r["condition"]) for r in answer_records(out)}
+    left = {(it.id, c) for it in items for c in args.conditions} - done
+    if left:
+        print(f"rank {rank} done; {len(left)} answers of other ranks to come: the last rank to finish prints the "
+              f"table (or: eval.py {args.bench} --out {out} --report)", file=sys.stderr)
+    else:
         print(report(out, {it.id for it in items}, metrics, args), end="")
 
 

@@ -323,7 +323,8 @@ def test_the_judge_grades_each_answer_once(bench, tmp_path, capsys, monkeypatch,
     j = Judge([(200, '{"score": 5}')])
     try:
         for _ in range(2):
-            ev.main(["jsonl", "--out", str(out), "--report", "--judge-url", j.url, "--judge-key-env", "MY_KEY"])
+            ev.main(["jsonl", "--out", str(out), "--report", "--judge-url", j.url, "--judge-model", "m",
+                     "--judge-key-env", "MY_KEY"])
         assert len(j.requests) == 9 and {r[1] for r in j.requests} == {"Bearer k"}     # the rerun used the cache
         assert "| judge | all | 3 | 1.000 | 1.000 | 1.000 | +0.000 |" in capsys.readouterr().out
     finally:
