@@ -616,7 +616,7 @@ def _main(args):
     args.adapter_cache.mkdir(parents=True, exist_ok=True)
     write_atomic(out / "config.json", lambda tmp: tmp.write_text(json.dumps(config, indent=1) + "\n"))
     write_atomic(out / "missing_videos.txt", lambda tmp: tmp.write_text("".join(f"{v}\n" for v in missing)))
-    items = [replace(it, prompt=args.prompt_template.format(prompt=it.prompt)) for it in items]
+    items = [replace(it, prompt=args.prompt_template.replace("{prompt}", it.prompt)) for it in items]
     done = {(r["id"], r["condition"]) for r in answer_records(out)}
     with open_append(out / (f"answers.rank{rank}.jsonl" if world > 1 else "answers.jsonl")) as f:
         run(m, items, done, f, args, rank, world)
