@@ -313,9 +313,9 @@ def verdicts(lo: float, hi: float, delta: float) -> dict:
 def statistics(records: list[dict], metrics, args) -> list[dict]:
     """records: one per (item, condition) with "scores". One row per metric and kind ("all" first): the items that
     both paired conditions scored; text only is averaged over the same items when present."""
-    by_item: dict[str, dict] = {}
+    by_item: dict[str, dict] = {}                          # id -> {"kind", "path", condition: {metric: score}}
     for r in records:
-        by_item.setdefault(r["id"], {"kind": r["kind"], "video": r["video"]})[r["condition"]] = r["scores"]
+        by_item.setdefault(r["id"], {"kind": r["kind"], "path": r["video"]})[r["condition"]] = r["scores"]
     kinds = sorted({v["kind"] for v in by_item.values()})
     rows = []
     for metric in metrics:
@@ -326,7 +326,7 @@ def statistics(records: list[dict], metrics, args) -> list[dict]:
                 continue
             col = {c: np.array([v[c][metric] for v in its])                     # condition -> (n,) scores
                    for c in CONDITIONS if all(metric in v.get(c, {}) for v in its)}
-            groups = [v["video"] for v in its] if args.bootstrap_unit == "video" else None
+            groups = [v["path"] for v in its] if args.bootstrap_unit == "video" else None
             d, lo, hi = paired_bootstrap(col["adapter"], col["video"], args.bootstrap, args.seed, groups)
             delta = args.margin if args.margin is not None else args.margin_rel * col["video"].mean()
             rows.append({"metric": metric, "kind": kind, "n": len(its), **{c: float(x.mean()) for c, x in col.items()},

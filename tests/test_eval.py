@@ -168,6 +168,12 @@ def test_statistics_rows_with_a_relative_margin():
     assert top["video"] == pytest.approx(0.4) and top["adapter"] == pytest.approx(0.375) and top["text"] == 0.0
     assert top["diff"] == pytest.approx(-0.025) and top["delta"] == pytest.approx(0.2)   # 0.5 x in-context mean
     assert top["NI"] == (top["ci"][0] > -0.2) and "| f1 | all | 4 | 0.400 | 0.375 | 0.000 | -0.025 |" in ev.table(rows)
+    # Without a text-only answer the column is left empty; by video: the questions of one video move together.
+    recs = [dict(r, video="v0" if r["id"] in "01" else "v1") for r in recs if r["condition"] != "text"]
+    top = ev.statistics(recs, ["f1"], ev.parse_args(["jsonl", "--bootstrap-unit", "video"]))[0]
+    assert "text" not in top and top["diff"] == pytest.approx(-0.025)
+    d = [-0.1, 0.0, 0.1, -0.1]
+    assert top["ci"] == pytest.approx(ev.paired_bootstrap(d, [0] * 4, groups=["v0", "v0", "v1", "v1"])[1:])
 
 
 # ------------------------------------------------------------------------------------------------ judge
@@ -195,6 +201,7 @@ class Judge:
                 pass
 
         self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True      # close() does not wait for a handler still sleeping
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
@@ -236,7 +243,7 @@ def test_judge_retries_then_fails_in_one_line(no_backoff):
             assert "\n" not in str(e.value) and len(j.requests) == (1 if "401" in msg else 3)
         finally:
             j.close()
-    j = Judge([(200, '{"score": 3}')], delay=1.0)
+    j = Judge([(200, '{"score": 3}')], delay=0.5)
     try:
         with pytest.raises(ev.EvalError, match=r"timed out \(after 2 tries\)"):
             ev.judge("q", ["a"], "a", j.url, "m", None, 0.2, 1)
