@@ -68,7 +68,7 @@ from tqdm import tqdm
 import data
 import model as M
 from adapter import AdapterError, load_adapter, save_adapter, write_atomic
-from internalize import internalize_video, load_models
+from internalize import internalize, load_models
 
 CONDITIONS = {"video": "in context", "adapter": "adapter", "text": "text only"}
 VIDEO_EXTS = ("", ".mp4", ".mkv", ".webm", ".avi", ".mov")
@@ -444,8 +444,7 @@ def adapter_for(m, span: tuple, cache: Path):
                 return adapter
         except AdapterError:
             pass                                                   # corrupted or foreign: made again
-    span_args = argparse.Namespace(start=start, end=end, segments=None, segment_seconds=None)
-    adapter, _, _ = internalize_video(m, Path(video), span_args)
+    adapter = internalize(m, Path(video), start, end)
     save_adapter(path, adapter)
     return adapter
 
@@ -604,7 +603,11 @@ def _main(args):
     # each other: the one that completes the set prints the table, so a crashed rank is rerun alone with its env.
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     args.device = str(M.pick_device(args.device, int(os.environ.get("LOCAL_RANK", 0))))
-    m = load_models(args)
+    try:
+        m = load_models(args.size, args.model, args.hypernet, args.device, args.dtype, args.frames, args.video_size,
+                        args.compile)
+    except ValueError as e:
+        raise EvalError(str(e)) from None
     config = {"benchmark": args.bench, "base_model": m.meta["base_model"], "base_weights_sha256":
               m.meta["base_weights_sha256"], "hypernet_sha256": m.meta["hypernet_sha256"], "frames": m.meta["frames"],
               "video_size": m.meta["video_size"], "dtype": str(next(m.vlm.parameters()).dtype),

@@ -140,12 +140,33 @@ def test_paired_bootstrap_on_a_case_computed_by_hand():
     assert ev.paired_bootstrap([1, 0], [0, 0]) == (0.5, 0.0, 1.0)          # means 0, .5, 1 w.p. 1/4, 1/2, 1/4
 
 
+def one_shot_paired_ci(a, b, n_boot=4000, seed=0):
+    """The toy fidelity benchmark's original bootstrap (every resample drawn at once), whose numbers the toy README
+    quotes: eval.paired_bootstrap, which draws 256 resamples at a time to bound memory, must give the same."""
+    rng = np.random.default_rng(seed)
+    d = np.asarray(a, float) - np.asarray(b, float)
+    boots = d[rng.integers(0, len(d), size=(n_boot, len(d)))].mean(1)
+    return float(d.mean()), float(np.percentile(boots, 2.5)), float(np.percentile(boots, 97.5))
+
+
 def test_paired_bootstrap_is_the_one_the_toy_fidelity_benchmark_used():
     rng = np.random.default_rng(3)
     for n in (7, 301, 1128):  # odd and even sizes: drawing 256 resamples at a time keeps numpy's stream
         a, b = rng.random(n) < 0.9, rng.random(n) < 0.95
-        assert ev.paired_bootstrap(a, b) == fidelity.paired_ci(a, b)
-        assert ev.paired_bootstrap(a, b, 1001, 5) == fidelity.paired_ci(a, b, 1001, 5)
+        assert ev.paired_bootstrap(a, b) == one_shot_paired_ci(a, b)
+        assert ev.paired_bootstrap(a, b, 1001, 5) == one_shot_paired_ci(a, b, 1001, 5)
+
+
+def test_pairing_narrows_the_interval():
+    rng = np.random.default_rng(1)
+    b = rng.random(2000) < 0.8
+    assert ev.paired_bootstrap(b, b) == (0.0, 0.0, 0.0)          # the same answers: no difference, no spread
+    a = b.copy()
+    a[np.flatnonzero(b)[:100]] = False                          # 100 of 2000 answers lost: exactly -0.05
+    d, lo, hi = ev.paired_bootstrap(a, b)
+    assert d == -0.05 and lo < d < hi and hi <= 0 and lo > -0.07
+    _, lo2, hi2 = ev.paired_bootstrap(rng.permutation(a), b)    # same marginal accuracies, unpaired noise
+    assert hi2 - lo2 > 2 * (hi - lo)
 
 
 def test_cluster_bootstrap_resamples_whole_videos():
@@ -286,7 +307,7 @@ def test_answers_are_appended_resumed_and_reported(bench, tmp_path, capsys, monk
     assert "| f1 | all | 4 |" in cap.out and (out / "report.md").read_text() == cap.out
     # A rerun answers nothing and internalizes nothing; a cut-short last line is answered again, alone.
     calls = []
-    monkeypatch.setattr(ev, "internalize_video", lambda *a: calls.append("internalize"))
+    monkeypatch.setattr(ev, "internalize", lambda *a, **k: calls.append("internalize"))
     real = ev.generate
     monkeypatch.setattr(ev, "generate", lambda m, jobs, n: calls.append(len(jobs)) or real(m, jobs, n))
     run_eval(bench, out)

@@ -9,21 +9,6 @@ import numpy as np
 from toy import fidelity as F
 
 
-def test_paired_ci_is_the_paired_difference_with_a_bootstrap_interval():
-    rng = np.random.default_rng(1)
-    b = rng.random(2000) < 0.8
-    assert F.paired_ci(b, b) == (0.0, 0.0, 0.0)             # the same answers: no difference, no spread
-    a = b.copy()
-    a[np.flatnonzero(b)[:100]] = False                      # 100 of 2000 answers lost: exactly -0.05
-    d, lo, hi = F.paired_ci(a, b)
-    assert d == -0.05 and lo < d < hi and hi <= 0 and lo > -0.07
-    # Pairing matters: the same marginal accuracies, unpaired noise, give a wider interval.
-    c = rng.permutation(a)
-    _, lo2, hi2 = F.paired_ci(c, b)
-    assert hi2 - lo2 > 2 * (hi - lo)
-    assert F.paired_ci(a, b) == F.paired_ci(a, b)           # seeded: the README's numbers reproduce
-
-
 def test_fidelity_runs_the_protocol_end_to_end(tmp_path, capsys):
     F.main(["--clips", "6", "--two-part-clips", "2", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "out")])
     report = capsys.readouterr().out

@@ -24,6 +24,7 @@ import torch
 import data
 import model as M
 from adapter import adapter_from_lora, base_facts, concat_adapters
+from eval import paired_bootstrap, verdicts
 from hypernet import internalize, load_hypernet
 from toy import world
 
@@ -90,14 +91,6 @@ def score(conditions: dict[str, list[tuple]], expected: list[str], vlm, proc, al
             for name, items in conditions.items()}
 
 
-def paired_ci(a: np.ndarray, b: np.ndarray, n_boot: int = 4000, seed: int = 0) -> tuple[float, float, float]:
-    """mean(a - b) and its 95 % percentile bootstrap interval, resampling questions in pairs."""
-    rng = np.random.default_rng(seed)
-    d = a.astype(float) - b.astype(float)
-    boots = d[rng.integers(0, len(d), size=(n_boot, len(d)))].mean(1)
-    return float(d.mean()), float(np.percentile(boots, 2.5)), float(np.percentile(boots, 97.5))
-
-
 def fidelity(vlm, hyper, proc, clips, delta: float, ablation=None) -> tuple[str, dict]:
     own = adapters(vlm, hyper, proc, [c["clip"] for c in clips])
     qs = [(kind, q, a, i) for i, c in enumerate(clips) for kind, q, a in c["questions"]]
@@ -120,8 +113,9 @@ def fidelity(vlm, hyper, proc, clips, delta: float, ablation=None) -> tuple[str,
         lines.append(f"| {kind} | {sel.sum()} | {cells} | {CHANCE.get(kind, 0):.2f} |")
     lines.append(f"| **overall (QA kinds)** | {qa.sum()} | "
                  + " | ".join(f"**{hits[n][qa].mean():.3f}**" for n in names) + " | |")
-    d, lo, hi = paired_ci(hits["adapter"][qa], hits["in context"][qa])
-    verdict = {"delta": d, "ci": [lo, hi], "non_inferior": lo > -delta, "equivalent": -delta < lo and hi < delta}
+    d, lo, hi = paired_bootstrap(hits["adapter"][qa], hits["in context"][qa])   # eval.py's statistics
+    v = verdicts(lo, hi, delta)
+    verdict = {"delta": d, "ci": [lo, hi], "non_inferior": v["NI"], "equivalent": v["Eq"]}
     lines.append(f"\nadapter - in context (QA kinds): {d:+.3f}, 95 % CI [{lo:+.3f}, {hi:+.3f}]; "
                  f"non-inferior at delta={delta}: {'yes' if verdict['non_inferior'] else 'NO'}; "
                  f"equivalent: {'yes' if verdict['equivalent'] else 'NO'}")
