@@ -139,14 +139,24 @@ class CrossAttention(nn.Module):
 
     def forward(self, z, x, keep):  # z (N, Q, W) latents, x (N, T, W) context, keep (N, T+Q) bool or None
         (N, Q, _), (H, Hkv, hd) = z.shape, self.shape
+        g = H // Hkv                                                      # query heads per K/V head
         kv = torch.cat([x, z], dim=1)                                     # (N, T+Q, W): context first
-        q = self.q_proj(z).view(N, Q, H, hd).transpose(1, 2)              # (N, H, Q, hd)
+        # Query head h = j*g + i uses K/V head j (repeat_kv); grouping the g heads of a K/V head as extra query rows
+        # gives the same products without materialising repeated keys and values.
+        q = self.q_proj(z).view(N, Q, Hkv, g, hd).permute(0, 2, 3, 1, 4).reshape(N, Hkv, g * Q, hd)
         k = self.k_proj(kv).view(N, -1, Hkv, hd).transpose(1, 2)          # (N, Hkv, T+Q, hd)
         v = self.v_proj(kv).view(N, -1, Hkv, hd).transpose(1, 2)          # (N, Hkv, T+Q, hd)
-        # Boolean mask, True = may attend; the SDPA kernels accumulate the softmax in fp32 even for bf16 inputs.
-        mask = None if keep is None else keep[:, None, None, :]            # (N, 1, 1, T+Q)
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)  # (N, H, Q, hd)
-        return self.o_proj(o.transpose(1, 2).reshape(N, Q, H * hd))       # (N, Q, W)
+        # Written out as Idefics2PerceiverAttention computes it, not with SDPA: scores divided by sqrt(hd), padding
+        # pushed to the dtype's minimum, softmax in fp32 and cast back to q's dtype (bf16 under autocast) before
+        # the product with v. The released hypernetworks were trained with exactly this; in fp32 it reproduces the
+        # authors' adapters bit for bit (SDPA's fused kernels differ by ~2e-8, ~1e-5 in logits). With only 8 or 16
+        # queries the (N, Hkv, g*Q, T+Q) score matrix is small.
+        w = torch.matmul(q, k.transpose(2, 3)) / math.sqrt(hd)           # (N, Hkv, g*Q, T+Q)
+        if keep is not None:
+            w = w + torch.zeros_like(w[:, :1, :1]).masked_fill(~keep[:, None, None, :], torch.finfo(w.dtype).min)
+        w = F.softmax(w, dim=-1, dtype=torch.float32).to(q.dtype)
+        o = torch.matmul(w, v).view(N, Hkv, g, Q, hd)                      # (N, Hkv, g, Q, hd)
+        return self.o_proj(o.permute(0, 3, 1, 2, 4).reshape(N, Q, H * hd))  # (N, Q, W)
 
 
 class PerceiverLayer(nn.Module):
