@@ -1,7 +1,8 @@
 """Internalize a video: turn it into a LoRA adapter file that ask.py answers questions from, with no video tokens.
 
     python internalize.py clip.mp4                          # -> adapter.safetensors (toy base + toy hypernetwork)
-    python internalize.py clip.mp4 -o dog.safetensors --size 500M --hypernet ckpt/500m
+    python internalize.py clip.mp4 -o dog.safetensors --size 500M     # the authors' released hypernetwork
+    python internalize.py clip.mp4 --size 500M --hypernet ckpt/500m   # ours, their .pt, or hf:REPO/FILE
     python internalize.py long.mp4 --segments 4             # 4 segments internalized apart, then composed
     python internalize.py a.mp4 b.mp4 -o adapters/          # one file per video, models loaded once
 
@@ -25,7 +26,7 @@ import torch
 import data
 import model as M
 from adapter import Adapter, adapter_from_lora, base_facts, concat_adapters, save_adapter, sha256_file
-from hypernet import compile_hypernet, load_hypernet
+from hypernet import ReleaseError, compile_hypernet, fetch_hypernet, load_hypernet, released_hypernet
 
 ROOT = Path(__file__).resolve().parent
 
@@ -63,31 +64,59 @@ class Models:
     meta: dict                 # base-model and hypernetwork facts every adapter from these models carries
 
 
+def hypernet_spec(args, size) -> str:
+    """--hypernet as given; else the authors' release for 500M / 2.2B (none for 256M), the shipped one for tiny."""
+    if args.hypernet:
+        return args.hypernet
+    if args.model is not None:
+        raise SystemExit("error: --model needs --hypernet (a hypernetwork trained for that base model)")
+    if size in M.PRESETS:
+        try:
+            return released_hypernet(size)
+        except ValueError as e:
+            raise SystemExit(f"error: {e}") from None
+    return str(ROOT / "checkpoints" / (size or "tiny") / "hypernet")
+
+
 def load_models(args) -> Models:
     device = M.pick_device(args.device)
     dtype = M.pick_dtype(args.dtype, device)
     size = args.size if args.model is None else None
+    spec = hypernet_spec(args, size)
+    try:  # a hf: hypernetwork is downloaded (or found offline) before the base model costs a load
+        local = fetch_hypernet(spec)
+    except ValueError as e:
+        raise SystemExit(f"error: hypernetwork {e}") from None
     vlm, path, meta = load_base(size or "tiny", args.model, device, dtype)
-    hyper_path = Path(args.hypernet) if args.hypernet else ROOT / "checkpoints" / (size or "tiny") / "hypernet"
-    weights = hyper_path if hyper_path.suffix == ".safetensors" else hyper_path / "hypernet.safetensors"
-    if args.hypernet is None and args.model is not None:
-        raise SystemExit("error: --model needs --hypernet (a hypernetwork trained for that base model)")
-    if not weights.is_file():
-        raise SystemExit(f"error: no hypernetwork at {hyper_path} (train one with train.py, or pass --hypernet)")
     try:
-        hyper = load_hypernet(hyper_path, vlm.config, device=device).eval().requires_grad_(False)
+        hyper = load_hypernet(local, vlm.config, device=device, cache_dir=args.hypernet_cache)
+    except FileNotFoundError:
+        raise SystemExit(f"error: no hypernetwork at {spec} (train one with train.py, or pass --hypernet)") from None
+    except ReleaseError as e:  # its message starts with the file
+        raise SystemExit(f"error: hypernetwork {e}") from None
     except (ValueError, KeyError, OSError) as e:
-        raise SystemExit(f"error: hypernetwork {hyper_path}: {str(e).splitlines()[0]}") from None
-    hyper = compile_hypernet(hyper, args.compile)  # opt-in: compiling costs more than one video saves
-    # A released size reads 384-px frames (method.md §2); a folder of our own keeps its processor's frame size.
-    video_size = args.video_size or (384 if size in M.PRESETS else None)
-    proc = data.Processor(path, max_frames=args.frames, video_size=video_size)
+        raise SystemExit(f"error: hypernetwork {spec}: {str(e).splitlines()[0]}") from None
+    hyper = compile_hypernet(hyper.eval().requires_grad_(False), args.compile)  # opt-in: costs more than it saves
+    release = hyper.source["release"] or {}
+    trained_on = release.get("base_model_name_or_path")
+    if trained_on in M.PRESETS.values() and meta["base_model"] in M.PRESETS.values() and trained_on != meta["base_model"]:
+        raise SystemExit(f"error: hypernetwork {spec} was trained on {trained_on}, not {meta['base_model']}")
+    # The authors' released weights read what their pipeline fed them (hypernet.RELEASE_RECIPE: 384 px, 1 fps;
+    # --frames defaults to their 12); any other released size reads 384-px frames (method.md §2); a folder of our
+    # own keeps its processor's frame size.
+    recipe = release.get("recipe") or {}
+    video_size = args.video_size or recipe.get("video_size") or (384 if size in M.PRESETS else None)
+    proc = data.Processor(path, max_frames=args.frames, video_size=video_size, sample_fps=recipe.get("sample_fps"))
     c = hyper.config
-    meta.update(hypernet=str(hyper_path), hypernet_sha256=sha256_file(weights), alpha=c.alpha, rank=c.rank,
-                num_layers=c.num_layers, targets=[list(s) for s in c.target_shapes], frames=proc.max_frames,
-                video_size=proc.video_size, frame_side=proc.side)
+    meta.update(hypernet=str(spec), hypernet_sha256=sha256_file(hyper.source["weights"]), alpha=c.alpha,
+                rank=c.rank, num_layers=c.num_layers, targets=[list(s) for s in c.target_shapes],
+                frames=proc.max_frames, video_size=proc.video_size, frame_side=proc.side)
+    if release:  # provenance of the authors' file the hypernetwork was converted from
+        meta.update(hypernet_release=release["file"], hypernet_release_sha256=release["sha256"],
+                    hypernet_trained_on=trained_on)
+    what = f" (the authors' {release['file']}, sha256 {release['sha256'][:12]})" if release else ""
     print(f"device {device}, {str(dtype).replace('torch.', '')}; base {meta['base_model']} ({path}); "
-          f"hypernetwork {hyper_path}", file=sys.stderr)
+          f"hypernetwork {spec}{what}", file=sys.stderr)
     return Models(vlm, hyper, proc, device, meta)
 
 
@@ -157,8 +186,12 @@ def parse_args(argv):
     p.add_argument("-o", "--out", help="output file (one video; default adapter.safetensors) or folder")
     p.add_argument("--size", default=None, help="base model preset: tiny (default), 256M, 500M, 2.2B")
     p.add_argument("--model", default=None, help="a SmolVLM2 folder (config.json + safetensors); overrides --size")
-    p.add_argument("--hypernet", default=None, help="hypernetwork folder or .safetensors "
-                                                     "(default: checkpoints/<size>/hypernet)")
+    p.add_argument("--hypernet", default=None,
+                   help="hypernetwork: our folder or .safetensors, the authors' released .pt, or hf:OWNER/REPO/FILE "
+                        "(default: the authors' release for 500M and 2.2B, checkpoints/tiny/hypernet for tiny)")
+    p.add_argument("--hypernet-cache", default=None, metavar="DIR",
+                   help="where a .pt is converted to our format, once (default: beside the .pt, i.e. beside its "
+                        "Hugging Face cache entry for a download)")
     p.add_argument("--frames", type=int, default=12, help="max frames per segment, 1 fps sampling (method: 12)")
     p.add_argument("--video-size", type=int, default=None,
                    help="longest edge frames are resized to (default: 384 for released sizes, else the model's)")
