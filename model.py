@@ -256,13 +256,15 @@ def lora_linear(linear: nn.Linear, x: torch.Tensor, ab, alpha: float) -> torch.T
     """y = W x + alpha * B^T (A x), per sample; A (B|1, r, d_in), B (B|1, r, d_out), x (B, T, d_in).
 
     The LoRA path runs in fp32 and is cast back (method.md §4). alpha multiplies directly: it is *not* alpha/r.
+    As the authors' lora_forward: the fp32 delta is added to W x and the sum rounded once to W x's dtype (rounding
+    the delta to bf16 first would round twice). In fp32 the two are the same.
     """
     y = linear(x)
     if ab is None:
         return y
     A, B = ab
     delta = (x.float() @ A.float().transpose(-1, -2)) @ B.float()  # (B, T, r) -> (B, T, d_out)
-    return y + (alpha * delta).to(y.dtype)
+    return (y + alpha * delta).to(y.dtype)
 
 
 class KVCache:

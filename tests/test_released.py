@@ -478,3 +478,16 @@ def test_our_inputs_are_the_authors_pipeline_inputs(released_500m_processor, nam
     ours = [t for t in map(proc.tokenizer.id_to_token, ids[0].tolist()) if t in SPECIAL.values()]
     assert ours == theirs and ours.count("<image>") == ref["n_image_tokens"]             # the same token skeleton
     assert len(ref["input_ids"]) == ref["sequence_length"]
+
+
+def test_the_lora_path_rounds_like_the_authors_in_bf16():
+    """Their lora_forward adds the fp32 delta to the bf16 W x and rounds the sum once; model.lora_linear does too."""
+    g = torch.Generator().manual_seed(0)
+    lin = torch.nn.Linear(384, 128, bias=False).to(torch.bfloat16)
+    x = torch.randn(2, 9, 384, generator=g).to(torch.bfloat16)
+    A, B = 0.05 * torch.randn(2, 32, 384, generator=g), 0.05 * torch.randn(2, 32, 128, generator=g)
+    y = lin(x)
+    delta = 128.0 * ((x.float() @ A.transpose(-1, -2)) @ B)          # their einsums, in fp32
+    theirs = (y + delta).to(y.dtype)                                  # (base_out + delta_x).to(base_out.dtype)
+    assert torch.equal(M.lora_linear(lin, x, (A, B), 128.0), theirs)
+    assert not torch.equal(y + delta.to(y.dtype), theirs)             # rounding twice differs: the test is not vacuous
