@@ -546,34 +546,39 @@ _ALLOWED = {
 class _Unpickler(pickle.Unpickler):
     """pickle.Unpickler that can only build the objects in _ALLOWED; storages come from the zip's data/ records."""
 
-    def __init__(self, file, zf: zipfile.ZipFile, prefix: str, path):
+    def __init__(self, file, zf: zipfile.ZipFile, prefix: str):
         super().__init__(file)
-        self.zf, self.prefix, self.path, self.storages = zf, prefix, path, {}
+        self.zf, self.prefix, self.storages = zf, prefix, {}
 
     def find_class(self, module, name):
         full = f"{module}.{name}"
         if full not in _ALLOWED:
-            raise ReleaseError(f"{self.path}: refused: its pickle asks for {full}, which a Frames2LoRA checkpoint "
-                               f"never needs (tampered or not a Frames2LoRA file); nothing in it was run")
+            raise ReleaseError(f"refused: its pickle asks for {full}, which a Frames2LoRA checkpoint never needs "
+                               f"(tampered or not a Frames2LoRA file); nothing in it was run")
         return _ALLOWED[full]
 
     def persistent_load(self, pid):
-        """('storage', storage type, key, location, numel) -> that record's bytes as a typed storage (on the CPU)."""
-        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"
-                and isinstance(pid[1], _StorageType) and isinstance(pid[2], str) and pid[2].isdigit() and type(pid[4]) is int and pid[4] >= 0):
-            raise ReleaseError(f"{self.path}: malformed storage reference {str(pid)[:60]}")
+        """('storage', storage type, key, location, numel) -> that record's bytes as a typed storage. The location
+        (cuda:0 in the released files) is ignored: everything is read to the CPU."""
+        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage" and isinstance(pid[1], _StorageType)
+                and isinstance(pid[2], str) and pid[2].isdigit() and type(pid[4]) is int and pid[4] >= 0):
+            raise ReleaseError(f"malformed storage reference {str(pid)[:60]}")
         dtype, key, numel = pid[1].dtype, pid[2], pid[4]
         if key not in self.storages:
-            if f"{self.prefix}/data/{key}" not in self.zf.NameToInfo:
-                raise ReleaseError(f"{self.path}: storage record data/{key} is missing (a truncated checkpoint)")
-            info = self.zf.getinfo(f"{self.prefix}/data/{key}")
+            try:
+                info = self.zf.getinfo(f"{self.prefix}/data/{key}")
+            except KeyError:
+                raise ReleaseError(f"storage record data/{key} is missing (a truncated checkpoint)") from None
             nbytes = numel * dtype.itemsize
             if info.file_size != nbytes:
-                raise ReleaseError(f"{self.path}: storage {key} holds {info.file_size} bytes, its tensor needs {nbytes}")
-            buf = bytearray(nbytes)
-            with self.zf.open(info) as f:
-                if f.readinto(memoryview(buf)) != nbytes:
-                    raise ReleaseError(f"{self.path}: storage {key} is truncated")
+                raise ReleaseError(f"storage {key} holds {info.file_size} bytes, its tensor needs {nbytes}")
+            buf, done = bytearray(nbytes), 0
+            with self.zf.open(info) as f:  # in 16 MB pieces: no second copy of a large tensor in memory
+                while done < nbytes and (piece := f.read(min(1 << 24, nbytes - done))):
+                    buf[done:done + len(piece)] = piece
+                    done += len(piece)
+            if done != nbytes:
+                raise ReleaseError(f"storage {key} is truncated")
             flat = torch.frombuffer(buf, dtype=dtype) if nbytes else torch.empty(0, dtype=dtype)
             self.storages[key] = torch.storage.TypedStorage(wrap_storage=flat.untyped_storage(), dtype=dtype,
                                                             _internal=True)
@@ -595,14 +600,14 @@ def read_released(path) -> tuple[dict[str, torch.Tensor], dict]:
         with zipfile.ZipFile(path) as zf:
             pkl = [n for n in zf.namelist() if n.count("/") == 1 and n.endswith("/data.pkl")]
             if len(pkl) != 1:
-                raise ReleaseError(f"{path}: a zip without exactly one <name>/data.pkl: not a torch.save checkpoint")
+                raise ReleaseError("a zip without exactly one <name>/data.pkl: not a torch.save checkpoint")
             prefix = pkl[0].split("/")[0]
             if f"{prefix}/byteorder" in zf.namelist() and zf.read(f"{prefix}/byteorder") != b"little":
-                raise ReleaseError(f"{path}: written on a big-endian machine, which is not supported")
+                raise ReleaseError("written on a big-endian machine, which is not supported")
             with zf.open(pkl[0]) as f:
-                top = _Unpickler(f, zf, prefix, path).load()
-    except ReleaseError:
-        raise
+                top = _Unpickler(f, zf, prefix).load()
+    except ReleaseError as e:
+        raise ReleaseError(f"{path}: {e}") from None
     except Exception as e:  # a damaged zip or pickle raises many types; the user needs one line
         first = (str(e).splitlines() or [""])[0][:120]
         raise ReleaseError(f"{path}: not a readable torch.save checkpoint (truncated or damaged: "
@@ -633,8 +638,8 @@ def _plain(x):
 
 
 def _released_config(path, rest: dict) -> tuple[HyperConfig, dict]:
-    """The authors' HypernetConfig / AggregatorConfig / LoraConfig -> our HyperConfig, or a one-line ReleaseError
-    naming the first thing our HyperNet does not implement. Also returns the LoRA target and its (d_in, d_out)."""
+    """The authors' HypernetConfig / AggregatorConfig / LoraConfig -> (our HyperConfig, facts worth keeping), or a
+    one-line ReleaseError naming the first setting our HyperNet does not implement or the first inconsistency."""
     def need(obj, cls, where):
         if not (isinstance(obj, dict) and obj.get("__class__", "").endswith(cls)):
             raise ReleaseError(f"{path}: {where} is not a {cls}: not a Frames2LoRA hypernetwork checkpoint")
@@ -657,15 +662,18 @@ def _released_config(path, rest: dict) -> tuple[HyperConfig, dict]:
             ("extra_modules", hc["extra_modules"] or None, None), ("num_extra_modules", agg["num_extra_modules"], 0),
             ("num_self_attn_per_block", agg["num_self_attn_per_block"], 0),
             ("shared_weights", agg["shared_weights"], False), ("number of LoRA targets", len(targets), 1),
-            ("num_modules", agg["num_modules"], 1), ("lora_r == aggregator lora_r", lora["r"], agg["lora_r"]),
-            ("latent_size == aggregator output_size", hc["latent_size"], agg["output_size"]),
-            ("base_hidden_size == aggregator feature_size", hc["base_hidden_size"], agg["feature_size"]),
-            ("layer_indices", hc["layer_indices"], list(range(agg["num_layers"]))),
+            ("num_modules", agg["num_modules"], 1), ("layer_indices", hc["layer_indices"], list(range(agg["num_layers"]))),
         ]
         for what, got, want in unsupported:
             if got != want:
                 raise ReleaseError(f"{path}: {what} is {got!r}; this implementation converts only {want!r} "
                                    f"(the released hypernetworks' setting)")
+        for (a, x), (b, y) in [(("lora_config.r", lora["r"]), ("aggregator lora_r", agg["lora_r"])),
+                               (("latent_size", hc["latent_size"]), ("aggregator output_size", agg["output_size"])),
+                               (("base_hidden_size", hc["base_hidden_size"]),
+                                ("aggregator feature_size", agg["feature_size"]))]:
+            if x != y:
+                raise ReleaseError(f"{path}: inconsistent config: {a} {x!r} but {b} {y!r}")
         (t,) = targets
         shape = (t, int(d_in[t]), int(d_out[t]))
         config = HyperConfig(num_layers=int(agg["num_layers"]), hidden_size=int(hc["base_hidden_size"]),
@@ -744,7 +752,11 @@ def convert_released(path, cache_dir=None, model_config=None) -> Path:
     try:
         save_hypernet(tmp, hyper, release=release)
         shutil.rmtree(out, ignore_errors=True)            # a damaged or stale folder of that name
-        os.replace(tmp, out)
+        try:
+            os.replace(tmp, out)
+        except OSError:  # another process renamed its identical conversion into place first
+            if not (out / "hypernet.safetensors").is_file():
+                raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     print(f"hypernet: converted {path.name} (sha256 {sha[:12]}) to {out}; later runs read that", file=sys.stderr)
