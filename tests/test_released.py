@@ -491,3 +491,77 @@ def test_the_lora_path_rounds_like_the_authors_in_bf16():
     theirs = (y + delta).to(y.dtype)                                  # (base_out + delta_x).to(base_out.dtype)
     assert torch.equal(M.lora_linear(lin, x, (A, B), 128.0), theirs)
     assert not torch.equal(y + delta.to(y.dtype), theirs)             # rounding twice differs: the test is not vacuous
+
+
+# ------------------------------------------------------------------------------------------------ beyond the default tier
+def _as_authors_file(path, hyper, rest: dict) -> Path:
+    """Our HyperNet -> a .pt laid out as the authors' (the inverse of hypernet._released_state), with `rest` as its
+    config entries: a released-size file without the released weights, which cannot be fetched here."""
+    (t, _, _), = hyper.config.target_shapes
+    names = {"pre_head.norm_in": "layers.0.mlp.0", "pre_head.fc1": "layers.0.mlp.2", "pre_head.fc2": "layers.0.mlp.5",
+             "pre_head.norm_out": "layers.0.mlp.6", f"head.{t}": "head.weight"}
+    tensors = {}
+    for k, v in hyper.state_dict().items():
+        stem = k.rsplit(".", 1)[0] if k.startswith("pre_head.") else k
+        if k.startswith(("modality_projection.", "encoder.", "decoder.")):
+            tensors[f"aggregator.perceiver.{k}"] = v
+        elif stem in names:
+            tensors[names[stem] + k[len(stem):]] = v
+        elif k.startswith("scaler_"):
+            tensors[k] = v[None, :, :, None]                      # (L, r) -> (1, L, r, 1)
+        else:
+            tensors[k] = v
+    return write_pt(path, tensors=tensors, edit=lambda t_, r: r.update(rest))
+
+
+@pytest.mark.slow
+def test_a_released_size_file_converts_to_the_released_config(tmp_path):
+    """A .pt shaped as frames2lora-smolvlm2-500m-best-ce.pt (config as their get_hypernet_config writes it for
+    SmolVLM2-500M; random weights) converts to exactly our released HyperConfig and round-trips every tensor.
+    Prints the conversion and cached-load times."""
+    import time
+    cfg = M.preset_config("500M")
+    _, rest = read_released(PT)
+    hc, agg, name = rest["hypernet_config"], rest["hypernet_config"]["aggregator_config"], M.PRESETS["500M"]
+    hc.update(latent_size=512, base_hidden_size=960, layer_indices=list(range(32)),
+              feature_sizes=[{"down_proj": 2560}, {"down_proj": 960}])
+    hc["lora_config"]["base_model_name_or_path"] = name
+    agg.update(num_layers=32, output_size=512, feature_size=960, num_blocks=9)
+    torch.manual_seed(0)
+    from hypernet import HyperConfig, HyperNet
+    want = HyperNet(HyperConfig.for_model(cfg))               # our defaults are the released hyper-parameters
+    pt = _as_authors_file(tmp_path / "frames2lora-smolvlm2-500m-best-ce.pt", want,
+                          {"hypernet_config": hc, "base_model_name_or_path": name})
+    t0 = time.perf_counter()
+    got = load_hypernet(pt, cfg, cache_dir=tmp_path / "cache")
+    t1 = time.perf_counter()
+    load_hypernet(pt, cfg, cache_dir=tmp_path / "cache")
+    t2 = time.perf_counter()
+    print(f"{pt.stat().st_size / 1e6:.0f} MB .pt: first load (convert) {t1 - t0:.1f} s, cached load {t2 - t1:.1f} s")
+    assert got.config == want.config
+    assert all(torch.equal(a, b) for a, b in zip(want.state_dict().values(), got.state_dict().values()))
+
+
+@pytest.mark.gpu
+def test_on_cuda_the_converted_adapter_matches_in_fp32_and_stays_close_under_bf16_autocast(ref, tmp_path):
+    """The authors' runtime: their perceiver under bf16 autocast on CUDA, pre-head and head in fp32. Their fixture is
+    fp32 only, so bf16 is compared with their fp32 adapter (printed), not with their bf16 arithmetic."""
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    vlm = M.load_model(M.TINY_DIR, device="cuda")
+    hyper = load_hypernet(PT, vlm.config, device="cuda", cache_dir=tmp_path)
+    h, mask = ref["ctx.hidden_states"].cuda(), ref["ctx.attention_mask"].cuda()
+    with torch.no_grad():
+        fp32 = hyper(h, mask, amp_dtype=None)["down_proj"]
+        bf16 = hyper(h, mask)["down_proj"]                    # "auto": bf16 autocast on CUDA, as released
+        q, qm = ref["query.input_ids"].cuda(), ref["query.attention_mask"].cuda()
+        logits = vlm(q, attention_mask=qm, lora={"down_proj": fp32}, lora_alpha=128.0).logits.cpu()
+    real = ref["query.attention_mask"].bool()
+    for k, x, y in (("A", fp32[0], bf16[0]), ("B", fp32[1], bf16[1])):
+        theirs = ref[f"lora.down_proj.{k}"]
+        rel = ((y.cpu() - theirs).norm() / theirs.norm()).item()
+        print(f"{k}: fp32 max diff {(x.cpu() - theirs).abs().max().item():.2e}, bf16 autocast relative error {rel:.2e}")
+        torch.testing.assert_close(x.cpu(), theirs, rtol=0, atol=1e-5)
+        assert rel < 2e-2
+    print(f"logits (fp32 on CUDA) max diff {(logits - ref['query.logits'])[real].abs().max().item():.2e}")
+    torch.testing.assert_close(logits[real], ref["query.logits"][real], rtol=0, atol=1e-4)
