@@ -662,7 +662,8 @@ def _released_config(path, rest: dict) -> tuple[HyperConfig, dict]:
             ("extra_modules", hc["extra_modules"] or None, None), ("num_extra_modules", agg["num_extra_modules"], 0),
             ("num_self_attn_per_block", agg["num_self_attn_per_block"], 0),
             ("shared_weights", agg["shared_weights"], False), ("number of LoRA targets", len(targets), 1),
-            ("num_modules", agg["num_modules"], 1), ("layer_indices", hc["layer_indices"], list(range(agg["num_layers"]))),
+            ("num_modules", agg["num_modules"], 1),
+            ("layer_indices", hc["layer_indices"], list(range(agg["num_layers"]))),
         ]
         for what, got, want in unsupported:
             if got != want:

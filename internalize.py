@@ -98,9 +98,6 @@ def load_models(args) -> Models:
         raise SystemExit(f"error: hypernetwork {spec}: {str(e).splitlines()[0]}") from None
     hyper = compile_hypernet(hyper.eval().requires_grad_(False), args.compile)  # opt-in: costs more than it saves
     release = hyper.source["release"] or {}
-    trained_on = release.get("base_model_name_or_path")
-    if trained_on in M.PRESETS.values() and meta["base_model"] in M.PRESETS.values() and trained_on != meta["base_model"]:
-        raise SystemExit(f"error: hypernetwork {spec} was trained on {trained_on}, not {meta['base_model']}")
     # The authors' released weights read what their pipeline fed them (hypernet.RELEASE_RECIPE: 384 px, 1 fps;
     # --frames defaults to their 12); any other released size reads 384-px frames (method.md §2); a folder of our
     # own keeps its processor's frame size.
@@ -113,7 +110,7 @@ def load_models(args) -> Models:
                 frames=proc.max_frames, video_size=proc.video_size, frame_side=proc.side)
     if release:  # provenance of the authors' file the hypernetwork was converted from
         meta.update(hypernet_release=release["file"], hypernet_release_sha256=release["sha256"],
-                    hypernet_trained_on=trained_on)
+                    hypernet_trained_on=release["base_model_name_or_path"])
     what = f" (the authors' {release['file']}, sha256 {release['sha256'][:12]})" if release else ""
     print(f"device {device}, {str(dtype).replace('torch.', '')}; base {meta['base_model']} ({path}); "
           f"hypernetwork {spec}{what}", file=sys.stderr)

@@ -250,7 +250,8 @@ def test_the_converted_hypernetwork_makes_the_authors_adapter(hyper, ref):
     16 static rows, within 1e-6 in fp32."""
     c = hyper.config
     assert (c.num_layers, c.hidden_size, c.target_shapes, c.latent_size, c.n_latents, c.num_blocks, c.rank, c.alpha,
-            c.n_heads, c.head_dim, c.n_kv_heads) == (4, 128, (("down_proj", 384, 128),), 24, 8, 2, 16, 128.0, 16, 128, 4)
+            c.n_heads, c.head_dim, c.n_kv_heads) == \
+        (4, 128, (("down_proj", 384, 128),), 24, 8, 2, 16, 128.0, 16, 128, 4)
     assert c.alpha == float(ref["lora.scaling"])
     with torch.no_grad():
         A, B = hyper(ref["ctx.hidden_states"], ref["ctx.attention_mask"])["down_proj"]
@@ -375,12 +376,12 @@ def test_offline_without_the_file_is_one_line_and_fetches_nothing(tmp_path, clip
     as a user's would be)."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
     env.pop("HF_HUB_CACHE", None)
-    p = subprocess.run([sys.executable, str(REPO / "internalize.py"), str(clip), "--size", "500M", "-o",
-                        str(tmp_path / "a.safetensors")], capture_output=True, text=True, cwd=REPO, env=env, timeout=120)
+    argv = [sys.executable, str(REPO / "internalize.py"), str(clip), "--size", "500M", "-o", str(tmp_path / "a.st")]
+    p = subprocess.run(argv, capture_output=True, text=True, cwd=REPO, env=env, timeout=120)
     assert p.returncode == 1 and p.stdout == ""
     assert p.stderr.splitlines() == [f"error: hypernetwork {RELEASES['500M']}: not in the Hugging Face cache and "
                                      f"HF_HUB_OFFLINE is set; download it once online, or pass --hypernet FILE.pt"]
-    assert not (tmp_path / "a.safetensors").exists() and not (tmp_path / "hf" / "hub").exists()
+    assert not (tmp_path / "a.st").exists() and not (tmp_path / "hf" / "hub").exists()
 
 
 @pytest.fixture
@@ -493,7 +494,7 @@ def test_the_lora_path_rounds_like_the_authors_in_bf16():
     assert not torch.equal(y + delta.to(y.dtype), theirs)             # rounding twice differs: the test is not vacuous
 
 
-# ------------------------------------------------------------------------------------------------ beyond the default tier
+# ------------------------------------------------------------------------------------------ beyond the default tier
 def _as_authors_file(path, hyper, rest: dict) -> Path:
     """Our HyperNet -> a .pt laid out as the authors' (the inverse of hypernet._released_state), with `rest` as its
     config entries: a released-size file without the released weights, which cannot be fetched here."""
