@@ -58,7 +58,7 @@ def main():
     facts = {"about": "subset of the Frames2LoRA inputs fixture (frames2lora-inputs.json), see README.md",
              "authors_commit": meta["authors_commit"], "versions": meta["versions_4_51_3"],
              "recipe": meta["recipe"], "clips": clips}
-    (out / "inputs.json").write_text(json.dumps(facts, indent=1) + "\n")
+    (out / "inputs.json").write_text(json.dumps(facts) + "\n")
 
 
 if __name__ == "__main__":
