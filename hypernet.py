@@ -751,7 +751,11 @@ def convert_released(path, cache_dir=None, model_config=None) -> Path:
     release = {"format": "frames2lora-pt", "file": path.name, "sha256": sha, **facts, "recipe": RELEASE_RECIPE}
     tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
     try:
-        save_hypernet(tmp, hyper, release=release)
+        try:
+            save_hypernet(tmp, hyper, release=release)
+        except OSError as e:  # e.g. a read-only folder beside the .pt
+            raise ReleaseError(f"{path}: cannot write its conversion in {out.parent} ({e.strerror or e}); "
+                               f"pass --hypernet-cache DIR") from None
         shutil.rmtree(out, ignore_errors=True)            # a damaged or stale folder of that name
         try:
             os.replace(tmp, out)
