@@ -427,31 +427,32 @@ SPECIAL = {1: "<|im_start|>", 49152: "<global-img>", 49189: "<fake_token_around_
            49279: "<end_of_utterance>"}  # SmolVLM2's ids (smolvlm2.md §2)
 
 
-@pytest.fixture(scope="module")
-def released_500m_processor(tmp_path_factory):
+def released_500m_processor(folder: Path, tokenizer: Path | None = None) -> data.Processor:
     """A processor folder with the released SmolVLM2-500M processor settings (512-px encoder frames, 64 tokens per
-    frame, video_sampling as released) and the toy tokenizer, which has SmolVLM2's special tokens; configured as
-    internalize.py configures it for the released hypernetworks (hypernet.RELEASE_RECIPE)."""
-    d = tmp_path_factory.mktemp("released500m")
-    (d / "config.json").write_text(json.dumps(M.preset_config("500M").to_hf_dict()))
-    (d / "preprocessor_config.json").write_text(json.dumps({
+    frame, video_sampling as released) and `tokenizer`, by default the toy one, which has SmolVLM2's special tokens;
+    configured as internalize.py configures it for the released hypernetworks (hypernet.RELEASE_RECIPE)."""
+    (folder / "config.json").write_text(json.dumps(M.preset_config("500M").to_hf_dict()))
+    (folder / "preprocessor_config.json").write_text(json.dumps({
         "max_image_size": {"longest_edge": 512}, "size": {"longest_edge": 2048},
         "video_sampling": {"fps": 1, "max_frames": 64, "video_size": {"longest_edge": 512}}}))
-    (d / "processor_config.json").write_text(json.dumps({"image_seq_len": 64}))
-    world.toy_tokenizer().save(str(d / "tokenizer.json"))
-    return data.Processor(d, max_frames=RELEASE_RECIPE["max_frames"], video_size=RELEASE_RECIPE["video_size"],
+    (folder / "processor_config.json").write_text(json.dumps({"image_seq_len": 64}))
+    if tokenizer is None:
+        world.toy_tokenizer().save(str(folder / "tokenizer.json"))
+    else:
+        (folder / "tokenizer.json").write_bytes(tokenizer.read_bytes())
+    return data.Processor(folder, max_frames=RELEASE_RECIPE["max_frames"], video_size=RELEASE_RECIPE["video_size"],
                           sample_fps=RELEASE_RECIPE["sample_fps"])
 
 
 @pytest.mark.parametrize("name,whole", [("landscape_10s_320x240_24fps", False), ("portrait_3s2_200x360_30fps", True),
                                         ("long_75s_160x120_15fps", False)])
-def test_our_inputs_are_the_authors_pipeline_inputs(released_500m_processor, name, whole):
+def test_our_inputs_are_the_authors_pipeline_inputs(tmp_path, name, whole):
     """Frames, pixels (bit for bit), prompt text and special-token layout as their transformers-4.51.3 pipeline built
     them. Pixels: every frame of the short clip (its whole tensor's sha256), the first and last frame of the others
     (per-frame sha256; resizing every frame costs seconds). The ids themselves need the real SmolVLM2
     tokenizer.json, which is not here: what is checked is the text that tokenizer saw (ours, rendered, equals
     theirs, decoded) and where its special tokens sit."""
-    proc, ref = released_500m_processor, json.loads((INPUTS / "inputs.json").read_text())["clips"][name]
+    proc, ref = released_500m_processor(tmp_path), json.loads((INPUTS / "inputs.json").read_text())["clips"][name]
     path = INPUTS / ref["clip"]["file"]
     assert sha256_file(path) == ref["clip"]["sha256"]
     raw = data.decode_video(path, max_frames=proc.max_frames, sample_fps=proc.sample_fps, frame_fn=lambda a: a)
@@ -480,6 +481,18 @@ def test_our_inputs_are_the_authors_pipeline_inputs(released_500m_processor, nam
     assert ours == theirs and ours.count("<image>") == ref["n_image_tokens"]             # the same token skeleton
     assert len(ref["input_ids"]) == ref["sequence_length"]
 
+
+
+@pytest.mark.skipif(not os.environ.get("V2L_SMOLVLM2_TOKENIZER"), reason="needs a SmolVLM2 tokenizer.json "
+                    "(V2L_SMOLVLM2_TOKENIZER; tests/data/smolvlm2_tokenizer_from_gguf.py builds one offline)")
+def test_ids_equal_the_authors_with_a_smolvlm2_tokenizer(tmp_path):
+    """With SmolVLM2's tokenizer our internalization ids are theirs, token for token, on all three clips."""
+    proc = released_500m_processor(tmp_path, Path(os.environ["V2L_SMOLVLM2_TOKENIZER"]))
+    for name, ref in json.loads((INPUTS / "inputs.json").read_text())["clips"].items():
+        raw = data.decode_video(INPUTS / ref["clip"]["file"], max_frames=proc.max_frames, frame_fn=lambda a: None)
+        clip = data.Clip([torch.zeros(3, 1, 1)] * len(raw.indices), raw.indices, raw.pts, raw.total_frames, raw.fps)
+        ids, _ = proc.internalization_inputs(clip)
+        assert ids[0].tolist() == ref["input_ids"], name
 
 def test_the_lora_path_rounds_like_the_authors_in_bf16():
     """Their lora_forward adds the fp32 delta to the bf16 W x and rounds the sum once; model.lora_linear does too."""
