@@ -16,7 +16,9 @@ and a JSON string under the metadata key "video2lora":
     base_model, base_size, base_model_dir      id (HF id, "tiny" or folder name), preset or null, resolved folder
     base_config_sha256, base_weights_sha256    sha256 of config.json as SmolVLMConfig.to_hf_dict (sorted keys), and
                                                of the text model's RMSNorm weights as bf16 (tells fine-tunes apart)
-    hypernet, hypernet_sha256       path given, sha256 of its hypernet.safetensors
+    hypernet, hypernet_sha256       path given (or hf:REPO/FILE), sha256 of the hypernet.safetensors read
+    hypernet_release, hypernet_release_sha256, hypernet_trained_on
+                                    only for the authors' released .pt: its file name, its sha256, its base model
     alpha, rank, num_layers, targets            128, r, L, [[name, d_in, d_out], ...]
     generated_rank, bias_weight     G, the static part's multiplier
     frames, video_size, frame_side  max frames per segment, resize edge, encoder side

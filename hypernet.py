@@ -19,7 +19,12 @@ import contextlib
 import json
 import math
 import os
+import pickle
+import shutil
+import sys
 import time
+import zipfile
+from collections import OrderedDict
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -29,6 +34,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch.utils.checkpoint import checkpoint
 
+from adapter import sha256_file
 from model import LORA_TARGETS, lora_target_shapes
 
 
@@ -139,14 +145,24 @@ class CrossAttention(nn.Module):
 
     def forward(self, z, x, keep):  # z (N, Q, W) latents, x (N, T, W) context, keep (N, T+Q) bool or None
         (N, Q, _), (H, Hkv, hd) = z.shape, self.shape
+        g = H // Hkv                                                      # query heads per K/V head
         kv = torch.cat([x, z], dim=1)                                     # (N, T+Q, W): context first
-        q = self.q_proj(z).view(N, Q, H, hd).transpose(1, 2)              # (N, H, Q, hd)
+        # Query head h = j*g + i uses K/V head j (repeat_kv); grouping the g heads of a K/V head as extra query rows
+        # gives the same products without materialising repeated keys and values.
+        q = self.q_proj(z).view(N, Q, Hkv, g, hd).permute(0, 2, 3, 1, 4).reshape(N, Hkv, g * Q, hd)
         k = self.k_proj(kv).view(N, -1, Hkv, hd).transpose(1, 2)          # (N, Hkv, T+Q, hd)
         v = self.v_proj(kv).view(N, -1, Hkv, hd).transpose(1, 2)          # (N, Hkv, T+Q, hd)
-        # Boolean mask, True = may attend; the SDPA kernels accumulate the softmax in fp32 even for bf16 inputs.
-        mask = None if keep is None else keep[:, None, None, :]            # (N, 1, 1, T+Q)
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)  # (N, H, Q, hd)
-        return self.o_proj(o.transpose(1, 2).reshape(N, Q, H * hd))       # (N, Q, W)
+        # Written out as Idefics2PerceiverAttention computes it, not with SDPA: scores divided by sqrt(hd), padding
+        # pushed to the dtype's minimum, softmax in fp32 and cast back to q's dtype (bf16 under autocast) before
+        # the product with v. The released hypernetworks were trained with exactly this; in fp32 it reproduces the
+        # authors' adapters bit for bit (SDPA's fused kernels differ by ~2e-8, ~1e-5 in logits). With only 8 or 16
+        # queries the (N, Hkv, g*Q, T+Q) score matrix is small.
+        w = torch.matmul(q, k.transpose(2, 3)) / math.sqrt(hd)           # (N, Hkv, g*Q, T+Q)
+        if keep is not None:
+            w = w + torch.zeros_like(w[:, :1, :1]).masked_fill(~keep[:, None, None, :], torch.finfo(w.dtype).min)
+        w = F.softmax(w, dim=-1, dtype=torch.float32).to(q.dtype)
+        o = torch.matmul(w, v).view(N, Hkv, g, Q, hd)                      # (N, Hkv, g, Q, hd)
+        return self.o_proj(o.permute(0, 3, 1, 2, 4).reshape(N, Q, H * hd))  # (N, Q, W)
 
 
 class PerceiverLayer(nn.Module):
@@ -388,7 +404,8 @@ def param_breakdown(hyper: HyperNet) -> dict[str, int]:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Save / load: safetensors + JSON, never pickles.
+# Save / load: safetensors + JSON, never pickles. load_hypernet also takes the authors' released .pt and
+# hf:REPO/FILE (next section), so every script that is given a hypernetwork accepts all three.
 
 def _paths(path) -> tuple[Path, Path]:
     """A directory holds hypernet.safetensors + hypernet.json; a file x.safetensors gets x.json beside it."""
@@ -398,25 +415,34 @@ def _paths(path) -> tuple[Path, Path]:
     return p, p.with_suffix(".json")
 
 
-def save_hypernet(path, hyper: HyperNet) -> Path:
-    """Write weights and config (each to a temp file, then renamed); returns the .safetensors path."""
+def save_hypernet(path, hyper: HyperNet, release: dict | None = None) -> Path:
+    """Write weights and config (each to a temp file, then renamed); returns the .safetensors path.
+    `release`: provenance of a converted released checkpoint, kept in the JSON beside the config."""
     weights, cfg = _paths(path)
     weights.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().contiguous().cpu() for k, v in hyper.state_dict().items()}
     save_file(tensors, str(weights) + ".tmp", metadata={"format": "pt"})
     os.replace(str(weights) + ".tmp", weights)
-    Path(str(cfg) + ".tmp").write_text(json.dumps({"hyper_config": hyper.config.to_dict()}, indent=2))
+    info = {"hyper_config": hyper.config.to_dict(), **({"release": release} if release else {})}
+    Path(str(cfg) + ".tmp").write_text(json.dumps(info, indent=2))
     os.replace(str(cfg) + ".tmp", cfg)
     return weights
 
 
-def load_hypernet(path, model_config=None, device="cpu") -> HyperNet:
-    """Load a saved hypernetwork; with `model_config`, first check it fits that base model (L, D, dims)."""
-    weights, cfg_path = _paths(path)
+def load_hypernet(path, model_config=None, device="cpu", cache_dir=None) -> HyperNet:
+    """Load a hypernetwork: our folder or .safetensors, the authors' released .pt (converted on first use, then read
+    from the cache, see convert_released), or hf:REPO/FILE (downloaded first). With `model_config`, first check it
+    fits that base model (L, D, dims). `hyper.source` says what was read: {"weights": the safetensors path,
+    "release": provenance of the .pt or None}."""
+    local = fetch_hypernet(path)
+    if is_released_checkpoint(local):
+        local = convert_released(local, cache_dir=cache_dir, model_config=model_config)
+    weights, cfg_path = _paths(local)
     for p in (weights, cfg_path):
         if not p.is_file():
             raise FileNotFoundError(f"no hypernetwork file {p}")
-    config = HyperConfig.from_dict(json.loads(cfg_path.read_text())["hyper_config"])
+    info = json.loads(cfg_path.read_text())
+    config = HyperConfig.from_dict(info["hyper_config"])
     if model_config is not None:
         config.check_matches(model_config)
     with torch.device("meta"):  # no init work: every tensor comes from the file (strict, gpt-fast style)
@@ -426,4 +452,351 @@ def load_hypernet(path, model_config=None, device="cpu") -> HyperNet:
     if missing or unexpected:
         raise ValueError(f"{weights}: missing tensors {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}")
     hyper.load_state_dict(state, strict=True, assign=True)
+    hyper.source = {"weights": str(weights), "release": info.get("release")}
     return hyper.eval()  # inference mode: out_norm "batch" uses its running statistics (train.py calls .train())
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The authors' released checkpoints.
+#
+# frames2lora-smolvlm2-{500m,2.2b}-best-ce.pt (method.md §0) are what their training script writes:
+# torch.save(model.state_dict()), a zip holding data.pkl (a pickle: an OrderedDict of tensors plus their config
+# objects) and data/<key> (each tensor storage's raw little-endian bytes). Unpickling can run any callable the file
+# names, so we never hand it to pickle's defaults nor to torch.load: `_Unpickler.find_class` resolves exactly the
+# eleven globals such a file uses and refuses every other with a one-line error, the authors' config classes
+# (ctx_to_lora.*, peft.*) become inert records, and tensors are rebuilt by torch's own `_rebuild_tensor_v2` over
+# storages we read from the zip ourselves. The result is checked, renamed onto HyperNet and written once as our
+# safetensors checkpoint; later loads read that. Proven equal to the authors' forward in tests/test_released.py
+# with a checkpoint and reference outputs made by their code (tests/data/frames2lora/README.md).
+
+RELEASE_REPO = "MananSuri27/Frames2LoRA-SmolVLM-ckpts"
+RELEASES = {"500M": f"hf:{RELEASE_REPO}/frames2lora-smolvlm2-500m-best-ce.pt",
+            "2.2B": f"hf:{RELEASE_REPO}/frames2lora-smolvlm2-2.2b-best-ce.pt"}
+# What the authors' pipeline fed the released hypernetworks, in training and in their infer.py / demo
+# (default_train_args): one user turn [video, this instruction], 12 frames at 1 fps, longest edge 384, then the
+# encoder's square. Our data.Processor reproduces their transformers-4.51.3 inputs bit for bit (test_released.py).
+RELEASE_RECIPE = {"instruction": "Internalize this video for later captioning.", "max_frames": 12,
+                  "video_size": 384, "sample_fps": 1}
+
+
+class ReleaseError(ValueError):
+    """A released checkpoint that cannot be used as it is: refused, damaged or unsupported. One line, path first."""
+
+
+class _Record:
+    """Inert stand-in for one of the authors' config objects: the pickle's class name and its fields, nothing else.
+    NEWOBJ creates it, BUILD hands it its fields; no code of ctx_to_lora or peft exists here, let alone runs."""
+    qualname = "?"
+
+    def __init__(self, *args):
+        self.args, self.fields = args, {}
+
+    def __setstate__(self, state):
+        if isinstance(state, tuple) and len(state) == 2:  # (instance dict, slot values)
+            state = {**(state[0] or {}), **(state[1] or {})}
+        if not isinstance(state, dict) or not all(isinstance(k, str) for k in state):
+            raise ReleaseError(f"malformed {self.qualname} state")
+        self.fields = dict(state)
+
+
+def _record_type(qualname: str) -> type:
+    return type(qualname.rsplit(".", 1)[1], (_Record,), {"qualname": qualname})
+
+
+def _enum_value(value):  # PeftType: REDUCE(PeftType, ("LORA",)) -> the plain string
+    if not isinstance(value, str):
+        raise ReleaseError("malformed PeftType")
+    return value
+
+
+def _rebuild_tensor(storage, offset, size, stride, requires_grad, hooks, metadata=None):
+    """torch._utils._rebuild_tensor_v2 behind argument checks: a storage we built, plain ints, no hooks."""
+    ints = lambda xs: isinstance(xs, tuple) and all(type(x) is int and x >= 0 for x in xs)  # noqa: E731
+    if not (isinstance(storage, torch.storage.TypedStorage) and type(offset) is int and offset >= 0 and ints(size)
+            and ints(stride) and len(size) == len(stride) and requires_grad is False and not hooks and not metadata):
+        raise ReleaseError("malformed tensor record")
+    numel = storage._untyped_storage.nbytes() // storage.dtype.itemsize
+    if all(size) and offset + sum((n - 1) * s for n, s in zip(size, stride)) >= numel:
+        raise ReleaseError(f"a tensor of shape {list(size)} reaches past its storage of {numel} values")
+    return torch._utils._rebuild_tensor_v2(storage, offset, size, stride, False, OrderedDict())
+
+
+class _StorageType:
+    """What `torch.FloatStorage` / `torch.LongStorage` resolve to: only the dtype of the storages that name it."""
+    def __init__(self, dtype: torch.dtype):
+        self.dtype = dtype
+
+
+# Every global a released file's data.pkl names (`python -m pickletools` on the fixture lists these 11), and what
+# each resolves to here. __builtin__ is protocol 2's name for builtins.
+_STORAGE_DTYPES = {"torch.FloatStorage": torch.float32, "torch.LongStorage": torch.int64}
+_ALLOWED = {
+    "collections.OrderedDict": OrderedDict,
+    "__builtin__.set": set,
+    "torch._utils._rebuild_tensor_v2": _rebuild_tensor,
+    **{name: _StorageType(dtype) for name, dtype in _STORAGE_DTYPES.items()},
+    **{name: _record_type(name) for name in (
+        "ctx_to_lora.modeling.hypernet.HypernetConfig", "ctx_to_lora.modeling.aggregator.AggregatorConfig",
+        "ctx_to_lora.configs.CtxEncoderArguments", "peft.tuners.lora.config.LoraConfig",
+        "peft.tuners.lora.config.LoraRuntimeConfig")},
+    "peft.utils.peft_types.PeftType": _enum_value,
+}
+
+
+class _Unpickler(pickle.Unpickler):
+    """pickle.Unpickler that can only build the objects in _ALLOWED; storages come from the zip's data/ records."""
+
+    def __init__(self, file, zf: zipfile.ZipFile, prefix: str):
+        super().__init__(file)
+        self.zf, self.prefix, self.storages = zf, prefix, {}
+
+    def find_class(self, module, name):
+        full = f"{module}.{name}"
+        if full not in _ALLOWED:
+            raise ReleaseError(f"refused: its pickle asks for {full}, which a Frames2LoRA checkpoint never needs "
+                               f"(tampered or not a Frames2LoRA file); nothing in it was run")
+        return _ALLOWED[full]
+
+    def persistent_load(self, pid):
+        """('storage', storage type, key, location, numel) -> that record's bytes as a typed storage. The location
+        (cuda:0 in the released files) is ignored: everything is read to the CPU."""
+        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage" and isinstance(pid[1], _StorageType)
+                and isinstance(pid[2], str) and pid[2].isdigit() and type(pid[4]) is int and pid[4] >= 0):
+            raise ReleaseError(f"malformed storage reference {str(pid)[:60]}")
+        dtype, key, numel = pid[1].dtype, pid[2], pid[4]
+        if key not in self.storages:
+            try:
+                info = self.zf.getinfo(f"{self.prefix}/data/{key}")
+            except KeyError:
+                raise ReleaseError(f"storage record data/{key} is missing (a truncated checkpoint)") from None
+            nbytes = numel * dtype.itemsize
+            if info.file_size != nbytes:
+                raise ReleaseError(f"storage {key} holds {info.file_size} bytes, its tensor needs {nbytes}")
+            buf, done = bytearray(nbytes), 0
+            with self.zf.open(info) as f:  # in 16 MB pieces: no second copy of a large tensor in memory
+                while done < nbytes and (piece := f.read(min(1 << 24, nbytes - done))):
+                    buf[done:done + len(piece)] = piece
+                    done += len(piece)
+            if done != nbytes:
+                raise ReleaseError(f"storage {key} is truncated")
+            flat = torch.frombuffer(buf, dtype=dtype) if nbytes else torch.empty(0, dtype=dtype)
+            self.storages[key] = torch.storage.TypedStorage(wrap_storage=flat.untyped_storage(), dtype=dtype,
+                                                            _internal=True)
+        return self.storages[key]
+
+
+def is_released_checkpoint(path) -> bool:
+    """The authors' format: a torch.save zip (by its magic bytes), or any .pt/.pth file (a damaged one then gets
+    read_released's precise error rather than "no hypernetwork")."""
+    p = Path(path)
+    return p.is_file() and (p.suffix in (".pt", ".pth") or zipfile.is_zipfile(p))
+
+
+def read_released(path) -> tuple[dict[str, torch.Tensor], dict]:
+    """The .pt -> (its tensors by name, its other entries as plain Python: records become dicts with "__class__").
+    Raises ReleaseError, one line, for anything but a well-formed file of the allowed kind."""
+    path = Path(path)
+    try:
+        with zipfile.ZipFile(path) as zf:
+            pkl = [n for n in zf.namelist() if n.count("/") == 1 and n.endswith("/data.pkl")]
+            if len(pkl) != 1:
+                raise ReleaseError("a zip without exactly one <name>/data.pkl: not a torch.save checkpoint")
+            prefix = pkl[0].split("/")[0]
+            if f"{prefix}/byteorder" in zf.namelist() and zf.read(f"{prefix}/byteorder") != b"little":
+                raise ReleaseError("written on a big-endian machine, which is not supported")
+            with zf.open(pkl[0]) as f:
+                top = _Unpickler(f, zf, prefix).load()
+    except ReleaseError as e:
+        raise ReleaseError(f"{path}: {e}") from None
+    except Exception as e:  # a damaged zip or pickle raises many types; the user needs one line
+        first = (str(e).splitlines() or [""])[0][:120]
+        raise ReleaseError(f"{path}: not a readable torch.save checkpoint (truncated or damaged: "
+                           f"{type(e).__name__}: {first})") from None
+    if not isinstance(top, dict):
+        raise ReleaseError(f"{path}: holds a {type(top).__name__}, not a state dict")
+    tensors = {k: v for k, v in top.items() if isinstance(v, torch.Tensor)}
+    for k, v in tensors.items():  # a pickle's BUILD could have given a tensor state; a saved state dict never does
+        if type(v) is not torch.Tensor or v.requires_grad or v._backward_hooks:
+            raise ReleaseError(f"{path}: tensor {k} carries more than data (tampered)")
+    rest = {k: _plain(v) for k, v in top.items() if k not in tensors}
+    return tensors, rest
+
+
+def _plain(x):
+    """Records, sets, tuples and small tensors -> dicts, sorted lists, lists, lists (JSON-ready)."""
+    if isinstance(x, _Record):
+        return {"__class__": x.qualname, **{k: _plain(v) for k, v in x.fields.items()}}
+    if isinstance(x, dict):
+        return {k: _plain(v) for k, v in x.items()}
+    if isinstance(x, set):
+        return sorted(_plain(v) for v in x)
+    if isinstance(x, (list, tuple)):
+        return [_plain(v) for v in x]
+    if isinstance(x, torch.Tensor):
+        return x.tolist()
+    return x
+
+
+def _released_config(path, rest: dict) -> tuple[HyperConfig, dict]:
+    """The authors' HypernetConfig / AggregatorConfig / LoraConfig -> (our HyperConfig, facts worth keeping), or a
+    one-line ReleaseError naming the first setting our HyperNet does not implement or the first inconsistency."""
+    def need(obj, cls, where):
+        if not (isinstance(obj, dict) and obj.get("__class__", "").endswith(cls)):
+            raise ReleaseError(f"{path}: {where} is not a {cls}: not a Frames2LoRA hypernetwork checkpoint")
+        return obj
+
+    hc = need(rest.get("hypernet_config"), "HypernetConfig", "hypernet_config")
+    try:
+        agg = need(hc["aggregator_config"], "AggregatorConfig", "hypernet_config.aggregator_config")
+        lora = need(hc["lora_config"], "LoraConfig", "hypernet_config.lora_config")
+        ctx = need(rest.get("ctx_encoder_args"), "CtxEncoderArguments", "ctx_encoder_args")
+        targets, (d_in, d_out) = lora["target_modules"], hc["feature_sizes"]
+        unsupported = [  # (what the file says, what HyperNet implements): the released recipe, method.md §3.1
+            ("aggregator_type", agg["aggregator_type"], "perceiver"),
+            ("ctx_encoder_type", ctx["ctx_encoder_type"], "per_layer_activations"),
+            ("layer_to_layer_ctx_encoder", agg["layer_to_layer_ctx_encoder"], True),
+            ("per_rank_gen", hc["per_rank_gen"], True), ("use_per_rank_bias", hc["use_per_rank_bias"], False),
+            ("use_bias", hc["use_bias"], True), ("use_light_weight_lora", hc["use_light_weight_lora"], False),
+            ("per_layer_processing", hc["per_layer_processing"], False),
+            ("use_token_mixing", hc["use_token_mixing"], False), ("num_pre_head_layers", hc["num_pre_head_layers"], 1),
+            ("extra_modules", hc["extra_modules"] or None, None), ("num_extra_modules", agg["num_extra_modules"], 0),
+            ("num_self_attn_per_block", agg["num_self_attn_per_block"], 0),
+            ("shared_weights", agg["shared_weights"], False), ("number of LoRA targets", len(targets), 1),
+            ("num_modules", agg["num_modules"], 1),
+            ("layer_indices", hc["layer_indices"], list(range(agg["num_layers"]))),
+        ]
+        for what, got, want in unsupported:
+            if got != want:
+                raise ReleaseError(f"{path}: {what} is {got!r}; this implementation converts only {want!r} "
+                                   f"(the released hypernetworks' setting)")
+        for (a, x), (b, y) in [(("lora_config.r", lora["r"]), ("aggregator lora_r", agg["lora_r"])),
+                               (("latent_size", hc["latent_size"]), ("aggregator output_size", agg["output_size"])),
+                               (("base_hidden_size", hc["base_hidden_size"]),
+                                ("aggregator feature_size", agg["feature_size"]))]:
+            if x != y:
+                raise ReleaseError(f"{path}: inconsistent config: {a} {x!r} but {b} {y!r}")
+        (t,) = targets
+        shape = (t, int(d_in[t]), int(d_out[t]))
+        config = HyperConfig(num_layers=int(agg["num_layers"]), hidden_size=int(hc["base_hidden_size"]),
+                             target_shapes=(shape,), latent_size=int(hc["latent_size"]),
+                             n_latents=int(agg["n_latent_queries"]), num_blocks=int(agg["num_blocks"]),
+                             rank=int(lora["r"]), alpha=float(lora["lora_alpha"]),
+                             # Idefics2PerceiverConfig defaults the file does not store (their aggregator.py):
+                             n_heads=16, head_dim=128, n_kv_heads=4, rms_norm_eps=1e-6, proj_mult=4)
+    except (KeyError, TypeError, ValueError) as e:
+        if isinstance(e, ReleaseError):
+            raise
+        raise ReleaseError(f"{path}: incomplete or malformed config ({type(e).__name__}: {e})") from None
+    return config, {"base_model_name_or_path": rest.get("base_model_name_or_path"),
+                    "lora_alpha": float(lora["lora_alpha"]), "peft_version": lora.get("peft_version")}
+
+
+def _released_state(path, tensors: dict, hyper: HyperNet) -> dict[str, torch.Tensor]:
+    """Rename (and reshape) the authors' tensors onto HyperNet's state dict, strictly: every tensor consumed, every
+    parameter filled, every shape as the config implies, or a one-line ReleaseError naming the tensor."""
+    (t, d_in, d_out), = hyper.config.target_shapes
+    pre = {"0": "norm_in", "2": "fc1", "5": "fc2", "6": "norm_out"}  # ResMLPBlock's nn.Sequential indices
+    state = {}
+    for name, x in tensors.items():
+        name = name.removeprefix("_orig_mod.")  # a torch.compile'd model's keys (their loader strips it too)
+        if name.startswith("aggregator.perceiver."):  # modality_projection, encoder, decoder: the same names
+            state[name.removeprefix("aggregator.perceiver.")] = x
+        elif name.startswith("layers.0.mlp.") and name.split(".")[3] in pre:
+            _, _, _, idx, kind = name.split(".")
+            state[f"pre_head.{pre[idx]}.{kind}"] = x
+        elif name == "head.weight":                      # EinMix weight "n_layers d_latent d_lora", d_lora = d_in+d_out
+            state[f"head.{t}"] = x
+        elif name.split(".")[0] in ("scaler_A", "scaler_B"):  # (1, L, r, 1) -> ours (L, r)
+            state[name] = x.reshape(x.shape[1:3]) if x.dim() == 4 and x.shape[0] == x.shape[3] == 1 else x
+        else:                                             # bias_A.<t>, bias_B.<t>: (L, r, d) as ours
+            state[name] = x
+    want = {k: tuple(v.shape) for k, v in hyper.state_dict().items()}
+    for k in want:
+        if k not in state:
+            raise ReleaseError(f"{path}: tensor for {k} is missing (a truncated or foreign checkpoint)")
+    for k, x in state.items():
+        if k not in want:
+            raise ReleaseError(f"{path}: unexpected tensor {k}: not part of the released architecture")
+        if tuple(x.shape) != want[k]:
+            raise ReleaseError(f"{path}: tensor {k} has shape {list(x.shape)} but its config implies {list(want[k])}")
+        if x.dtype != torch.float32:
+            raise ReleaseError(f"{path}: tensor {k} is {x.dtype}, expected float32 (as the authors save it)")
+    return {k: x.contiguous() for k, x in state.items()}
+
+
+def convert_released(path, cache_dir=None, model_config=None) -> Path:
+    """The authors' .pt -> our checkpoint folder (hypernet.safetensors + hypernet.json), converted once.
+
+    The folder is named by the .pt's sha256 and sits beside the .pt (for a download: beside its Hugging Face cache
+    entry) or in `cache_dir`; its JSON records that sha256, so a changed .pt always gets a fresh conversion and a
+    stale one is never served. With `model_config`, a file made for another base model is refused before anything
+    is written. The folder appears whole or not at all (written under a temporary name, then renamed)."""
+    path = Path(path)
+    sha = sha256_file(path)
+    out = Path(cache_dir or path.parent) / f"{path.stem}.video2lora-{sha[:16]}"
+    if (out / "hypernet.json").is_file() and (out / "hypernet.safetensors").is_file():
+        release = json.loads((out / "hypernet.json").read_text()).get("release") or {}
+        if release.get("sha256") == sha:
+            return out
+    tensors, rest = read_released(path)
+    config, facts = _released_config(path, rest)
+    if model_config is not None:
+        try:
+            config.check_matches(model_config)
+        except ValueError as e:
+            raise ReleaseError(f"{path}: {e} (it was trained on {facts['base_model_name_or_path']})") from None
+    with torch.device("meta"):
+        hyper = HyperNet(config)
+    hyper.load_state_dict(_released_state(path, tensors, hyper), strict=True, assign=True)
+    release = {"format": "frames2lora-pt", "file": path.name, "sha256": sha, **facts, "recipe": RELEASE_RECIPE}
+    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
+    try:
+        try:
+            save_hypernet(tmp, hyper, release=release)
+        except OSError as e:  # e.g. a read-only folder beside the .pt
+            raise ReleaseError(f"{path}: cannot write its conversion in {out.parent} ({e.strerror or e}); "
+                               f"pass --hypernet-cache DIR") from None
+        shutil.rmtree(out, ignore_errors=True)            # a damaged or stale folder of that name
+        try:
+            os.replace(tmp, out)
+        except OSError:  # another process renamed its identical conversion into place first
+            if not (out / "hypernet.safetensors").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    print(f"hypernet: converted {path.name} (sha256 {sha[:12]}) to {out}; later runs read that", file=sys.stderr)
+    return out
+
+
+def released_hypernet(size: str) -> str:
+    """The default hypernetwork of a released size (hf:REPO/FILE); a one-line ValueError for a size without one."""
+    if size not in RELEASES:
+        raise ValueError(f"{size} has no released hypernetwork (the authors released "
+                         f"{' and '.join(RELEASES)}); train one with train.py or pass --hypernet")
+    return RELEASES[size]
+
+
+def fetch_hypernet(spec) -> Path:
+    """hf:OWNER/REPO/FILE -> the file in the Hugging Face cache, downloaded if it is not there yet (progress bar,
+    resumable, honours HF_HUB_OFFLINE and HF_TOKEN); anything else is a local path, returned as it is."""
+    spec = str(spec)
+    if not spec.startswith("hf:"):
+        return Path(spec)
+    parts = spec[3:].split("/")
+    if len(parts) < 3 or not all(parts):
+        raise ValueError(f"{spec}: expected hf:OWNER/REPO/FILE")
+    repo, filename = "/".join(parts[:2]), "/".join(parts[2:])
+    from huggingface_hub import constants, hf_hub_download  # installed with tokenizers
+
+    try:  # the cache first, so a machine that has the file never touches the network
+        return Path(hf_hub_download(repo, filename, local_files_only=True))
+    except Exception:
+        pass
+    if constants.HF_HUB_OFFLINE:
+        raise ReleaseError(f"{spec}: not in the Hugging Face cache and HF_HUB_OFFLINE is set; download it once "
+                           f"online, or pass --hypernet FILE.pt") from None
+    try:
+        return Path(hf_hub_download(repo, filename))
+    except Exception as e:
+        first = (str(e).splitlines() or [""])[0][:160]
+        raise ReleaseError(f"{spec}: download failed ({type(e).__name__}: {first})") from None

@@ -1,7 +1,8 @@
 """Internalize a video: turn it into a LoRA adapter file that ask.py answers questions from, with no video tokens.
 
     python internalize.py clip.mp4                          # -> adapter.safetensors (toy base + toy hypernetwork)
-    python internalize.py clip.mp4 -o dog.safetensors --size 500M --hypernet ckpt/500m
+    python internalize.py clip.mp4 -o dog.safetensors --size 500M     # the authors' released hypernetwork
+    python internalize.py clip.mp4 --size 500M --hypernet ckpt/500m   # ours, their .pt, or hf:REPO/FILE
     python internalize.py long.mp4 --segments 4             # 4 segments internalized apart, then composed
     python internalize.py a.mp4 b.mp4 -o adapters/          # one file per video, models loaded once
 
@@ -26,7 +27,7 @@ import torch
 import data
 import model as M
 from adapter import Adapter, adapter_from_lora, base_facts, concat_adapters, save_adapter, sha256_file
-from hypernet import HyperNet, compile_hypernet, load_hypernet
+from hypernet import HyperNet, ReleaseError, compile_hypernet, fetch_hypernet, load_hypernet, released_hypernet
 
 ROOT = Path(__file__).resolve().parent
 
@@ -68,26 +69,51 @@ def load_base(size: str | None = "tiny", model: str | None = None, device="auto"
     return Base(vlm, proc, device, meta)
 
 
-def load_models(size: str | None = "tiny", model: str | None = None, hypernet=None, device="auto", dtype="auto",
-                frames: int = 12, video_size: int | None = None, compile: bool = False) -> Models:
-    """Base model + hypernetwork, loaded once for any number of videos. `hypernet`: a folder or .safetensors of
-    ours (default: the one shipped for the size). Raises ValueError (one line) on a missing or mismatched one."""
-    if hypernet is None and model is not None:
+def hypernet_spec(size: str | None, model, hypernet) -> str:
+    """--hypernet as given; else the authors' release for 500M / 2.2B (none for 256M), the shipped one for tiny."""
+    if hypernet:
+        return str(hypernet)
+    if model is not None:
         raise ValueError("--model needs --hypernet (a hypernetwork trained for that base model)")
+    if size in M.PRESETS:
+        return released_hypernet(size)
+    return str(ROOT / "checkpoints" / (size or "tiny") / "hypernet")
+
+
+def load_models(size: str | None = "tiny", model: str | None = None, hypernet=None, device="auto", dtype="auto",
+                frames: int = 12, video_size: int | None = None, compile: bool = False,
+                hypernet_cache=None) -> Models:
+    """Base model + hypernetwork, loaded once for any number of videos. `hypernet`: a folder or .safetensors of ours,
+    the authors' released .pt, or hf:REPO/FILE (default: the authors' release for 500M / 2.2B, the shipped one for
+    tiny); a .pt is converted once into `hypernet_cache` (default: beside it). Raises ValueError (one line)."""
+    size = None if model is not None else (size or "tiny")
+    spec = hypernet_spec(size, model, hypernet)
+    try:  # a hf: hypernetwork is downloaded (or found offline) before the base model costs a load
+        local = fetch_hypernet(spec)
+    except ValueError as e:
+        raise ValueError(f"hypernetwork {e}") from None
     base = load_base(size, model, device, dtype, frames, video_size)
-    path = Path(hypernet) if hypernet else ROOT / "checkpoints" / (size or "tiny") / "hypernet"
-    weights = path if path.suffix == ".safetensors" else path / "hypernet.safetensors"
-    if not weights.is_file():
-        raise ValueError(f"no hypernetwork at {path} (train one with train.py, or pass --hypernet)")
     try:
-        hyper = load_hypernet(path, base.vlm.config, device=base.device).eval().requires_grad_(False)
+        hyper = load_hypernet(local, base.vlm.config, device=base.device, cache_dir=hypernet_cache)
+    except FileNotFoundError:
+        raise ValueError(f"no hypernetwork at {spec} (train one with train.py, or pass --hypernet)") from None
+    except ReleaseError as e:  # its message starts with the file
+        raise ValueError(f"hypernetwork {e}") from None
     except (ValueError, KeyError, OSError) as e:
-        raise ValueError(f"hypernetwork {path}: {str(e).splitlines()[0]}") from None
-    hyper = compile_hypernet(hyper, compile)  # opt-in: compiling costs more than one video saves
+        raise ValueError(f"hypernetwork {spec}: {str(e).splitlines()[0]}") from None
+    hyper = compile_hypernet(hyper.eval().requires_grad_(False), compile)  # opt-in: costs more than one video saves
+    release, proc, meta = hyper.source["release"] or {}, base.proc, dict(base.meta)
+    if release:  # the authors' weights read what their pipeline fed them (hypernet.RELEASE_RECIPE: 384 px, 1 fps)
+        recipe = release.get("recipe") or {}
+        proc = data.Processor(meta["base_model_dir"] if model is None else model, max_frames=frames,
+                              video_size=video_size or recipe.get("video_size"), sample_fps=recipe.get("sample_fps"))
+        meta.update(frames=proc.max_frames, video_size=proc.video_size, frame_side=proc.side,
+                    hypernet_release=release["file"], hypernet_release_sha256=release["sha256"],
+                    hypernet_trained_on=release["base_model_name_or_path"])
     c = hyper.config
-    meta = {**base.meta, "hypernet": str(path), "hypernet_sha256": sha256_file(weights), "alpha": c.alpha,
-            "rank": c.rank, "num_layers": c.num_layers, "targets": [list(s) for s in c.target_shapes]}
-    return Models(base.vlm, base.proc, base.device, meta, hyper)
+    meta.update(hypernet=spec, hypernet_sha256=sha256_file(hyper.source["weights"]), alpha=c.alpha, rank=c.rank,
+                num_layers=c.num_layers, targets=[list(s) for s in c.target_shapes])
+    return Models(base.vlm, proc, base.device, meta, hyper)
 
 
 def sync(device: torch.device):
@@ -172,8 +198,12 @@ def parse_args(argv):
     p.add_argument("-o", "--out", help="output file (one video; default adapter.safetensors) or folder")
     p.add_argument("--size", default=None, help="base model preset: tiny (default), 256M, 500M, 2.2B")
     p.add_argument("--model", default=None, help="a SmolVLM2 folder (config.json + safetensors); overrides --size")
-    p.add_argument("--hypernet", default=None, help="hypernetwork folder or .safetensors "
-                                                     "(default: checkpoints/<size>/hypernet)")
+    p.add_argument("--hypernet", default=None,
+                   help="hypernetwork: our folder or .safetensors, the authors' released .pt, or hf:OWNER/REPO/FILE "
+                        "(default: the authors' release for 500M and 2.2B, checkpoints/tiny/hypernet for tiny)")
+    p.add_argument("--hypernet-cache", default=None, metavar="DIR",
+                   help="where a .pt is converted to our format, once (default: beside the .pt, i.e. beside its "
+                        "Hugging Face cache entry for a download)")
     p.add_argument("--frames", type=int, default=12, help="max frames per segment, 1 fps sampling (method: 12)")
     p.add_argument("--video-size", type=int, default=None,
                    help="longest edge frames are resized to (default: 384 for released sizes, else the model's)")
@@ -206,11 +236,14 @@ def main(argv=None):
     t0 = time.perf_counter()
     try:
         m = load_models(args.size, args.model, args.hypernet, args.device, args.dtype, args.frames, args.video_size,
-                        args.compile)
+                        args.compile, args.hypernet_cache)
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
+    release = (f" (the authors' {m.meta['hypernet_release']}, sha256 {m.meta['hypernet_release_sha256'][:12]})"
+               if "hypernet_release" in m.meta else "")
     print(f"device {m.device}, {str(next(m.vlm.parameters()).dtype).replace('torch.', '')}; base "
-          f"{m.meta['base_model']} ({m.meta['base_model_dir']}); hypernetwork {m.meta['hypernet']}", file=sys.stderr)
+          f"{m.meta['base_model']} ({m.meta['base_model_dir']}); hypernetwork {m.meta['hypernet']}{release}",
+          file=sys.stderr)
     print(f"models loaded in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
     save_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.save_dtype]
     for video, out in zip(videos, outs):

@@ -256,13 +256,15 @@ def lora_linear(linear: nn.Linear, x: torch.Tensor, ab, alpha: float) -> torch.T
     """y = W x + alpha * B^T (A x), per sample; A (B|1, r, d_in), B (B|1, r, d_out), x (B, T, d_in).
 
     The LoRA path runs in fp32 and is cast back (method.md §4). alpha multiplies directly: it is *not* alpha/r.
+    As the authors' lora_forward: the fp32 delta is added to W x and the sum rounded once to W x's dtype (rounding
+    the delta to bf16 first would round twice). In fp32 the two are the same.
     """
     y = linear(x)
     if ab is None:
         return y
     A, B = ab
     delta = (x.float() @ A.float().transpose(-1, -2)) @ B.float()  # (B, T, r) -> (B, T, d_out)
-    return y + (alpha * delta).to(y.dtype)
+    return (y + alpha * delta).to(y.dtype)
 
 
 class KVCache:
@@ -524,14 +526,21 @@ def resolve_model_dir(size: str | None = None, model_dir=None) -> Path:
         return TINY_DIR
     if size not in PRESETS:
         raise ValueError(f"unknown size {size!r}: choose tiny, {', '.join(PRESETS)} or pass --model DIR")
-    from huggingface_hub import snapshot_download  # installed with tokenizers
+    from huggingface_hub import constants, snapshot_download  # installed with tokenizers
 
     patterns = ["*.json", "*.safetensors", "*.txt"]
     try:  # the standard cache first, so an offline machine with the weights never touches the network
         return Path(snapshot_download(PRESETS[size], allow_patterns=patterns, local_files_only=True))
     except Exception:
-        # Resumable, shows progress, honours HF_HUB_OFFLINE and HF_TOKEN.
+        pass
+    if constants.HF_HUB_OFFLINE:
+        raise ValueError(f"{PRESETS[size]} is not in the Hugging Face cache and HF_HUB_OFFLINE is set; download it "
+                         f"once online, or pass --model DIR")
+    try:  # resumable, shows progress, honours HF_TOKEN
         return Path(snapshot_download(PRESETS[size], allow_patterns=patterns))
+    except Exception as e:
+        first = (str(e).splitlines() or [""])[0][:160]
+        raise ValueError(f"could not download {PRESETS[size]} ({type(e).__name__}: {first})") from None
 
 
 # ----------------------------------------------------------------------------------------------------------------
