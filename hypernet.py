@@ -410,13 +410,19 @@ def save_hypernet(path, hyper: HyperNet) -> Path:
     return weights
 
 
-def load_hypernet(path, model_config=None, device="cpu") -> HyperNet:
-    """Load a saved hypernetwork; with `model_config`, first check it fits that base model (L, D, dims)."""
+def load_hypernet(path, model_config=None, device="cpu", base: dict | None = None) -> HyperNet:
+    """Load a saved hypernetwork; with `model_config`, first check it fits that base model (L, D, dims); with `base`
+    (adapter.base_facts of the model it will run on), refuse one that train.py recorded as trained on another."""
     weights, cfg_path = _paths(path)
     for p in (weights, cfg_path):
         if not p.is_file():
             raise FileNotFoundError(f"no hypernetwork file {p}")
-    config = HyperConfig.from_dict(json.loads(cfg_path.read_text())["hyper_config"])
+    meta = json.loads(cfg_path.read_text())
+    config = HyperConfig.from_dict(meta["hyper_config"])
+    trained_on = meta.get("base") or {}
+    if base is not None and any(trained_on[k] != base[k] for k in trained_on if k.endswith("_sha256") and k in base):
+        raise ValueError(f"it was trained on base {trained_on.get('base_model')}, whose fingerprint differs from this "
+                         f"base's: pass the --size/--model it was trained on")
     if model_config is not None:
         config.check_matches(model_config)
     with torch.device("meta"):  # no init work: every tensor comes from the file (strict, gpt-fast style)

@@ -80,7 +80,7 @@ def load_models(size: str | None = "tiny", model: str | None = None, hypernet=No
     if not weights.is_file():
         raise ValueError(f"no hypernetwork at {path} (train one with train.py, or pass --hypernet)")
     try:
-        hyper = load_hypernet(path, base.vlm.config, device=base.device).eval().requires_grad_(False)
+        hyper = load_hypernet(path, base.vlm.config, device=base.device, base=base.meta).eval().requires_grad_(False)
     except (ValueError, KeyError, OSError) as e:
         raise ValueError(f"hypernetwork {path}: {str(e).splitlines()[0]}") from None
     hyper = compile_hypernet(hyper, compile)  # opt-in: compiling costs more than one video saves

@@ -116,6 +116,19 @@ def write_atomic(path: Path, text: str):
         tmp.unlink(missing_ok=True)
 
 
+def umask_modes(folder: Path):
+    """Give every file under `folder` the permissions the umask asks for: safetensors writes its files 0600."""
+    try:  # the umask, read without changing it (Linux); else the classic set-and-restore
+        mask = int(next(ln.split()[1] for ln in Path("/proc/self/status").read_text().splitlines()
+                        if ln.startswith("Umask:")), 8)
+    except (OSError, StopIteration, ValueError):
+        mask = os.umask(0o022)
+        os.umask(mask)
+    for f in [folder] if folder.is_file() else folder.rglob("*"):
+        if f.is_file():
+            os.chmod(f, 0o666 & ~mask)
+
+
 def check_output_file(out: Path, *inputs: Path):
     """An output file must not be one of the inputs (also through a link) and must be a regular file if it exists."""
     for src in inputs:
@@ -431,6 +444,7 @@ def save_checkpoint(run: Path, name: str, hyper: HyperNet, state: dict, opt=None
                 rng["cuda"] = torch.stack([s for s in torch.cuda.get_rng_state_all()])
             torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng": rng}, tmp / "trainer.pt")
         (tmp / "state.json").write_text(json.dumps(state, indent=2) + "\n")
+        umask_modes(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -644,9 +658,10 @@ def describe_run(args, sources: dict, model_dir, d: Dist, stop_at: int) -> str:
 def log_eta(say, times: list[float], step: int, stop_at: int):
     """Once, after the first few steps of this process: the time per step and when the run will reach stop_at."""
     per = (times[-1] - times[0]) / (len(times) - 1)
-    left = per * (stop_at - step)
-    say(f"\n~{per:.2f} s a step (steps {step - len(times) + 2}-{step}, validation not counted): ETA "
-        f"{int(left // 3600)} h {int(left % 3600 // 60)} min to step {stop_at}", file=sys.stderr)
+    left = round(per * (stop_at - step))
+    eta = f"{left // 3600} h {left % 3600 // 60} min" if left >= 3600 else f"{left // 60} min {left % 60} s"
+    say(f"\n~{per:.2f} s a step (steps {step - len(times) + 2}-{step}, validation not counted): ETA {eta} to step "
+        f"{stop_at}", file=sys.stderr)
 
 
 def train(args, found=None, sources=None) -> dict:
@@ -705,7 +720,7 @@ def train(args, found=None, sources=None) -> dict:
                 bar.set_postfix(loss=f"{m['loss']:.4f}", lr=f"{m['lr']:.2e}", sps=f"{m['samples_per_s']:.1f}")
                 bar.update(1)
             times.append(time.time())
-            if len(times) == 4 and step < stop_at:
+            if len(times) == 3 and step < stop_at:  # the first step (caches, compiling) is not timed
                 log_eta(say, times, step, stop_at)
             if val_set is not None and (step % args.val_every == 0 or step == args.steps):
                 state["val_ce"] = validate(vlm, hyper, val_set, args, d, caches[1])
@@ -834,6 +849,12 @@ def prepare_data(args, d: Dist):
                  f"--out {args.out} --data-only")
         args.train, args.val = str(split[0]), str(split[1]) if split[1].is_file() else None
         return
+    size = args.teacher_size or (TEACHER.get(args.size or "tiny") if args.model is None else None)
+    model = args.teacher_model or (args.model if size is None else None)
+    for s, m in ((size, model), (args.size, args.model)):  # both models are there (or a hub miss is said) before
+        resolve_base(s, m)                                 # any work
+    if not (src.is_dir() or src.is_file()):
+        fail(f"--videos {src} is neither a folder of videos nor a manifest")
     folder.mkdir(parents=True, exist_ok=True)
     if src.is_dir():
         manifest = folder / "manifest.jsonl"
@@ -854,12 +875,8 @@ def prepare_data(args, d: Dist):
                 fail(f"no readable video under {src} (looked for {', '.join(sorted(data.VIDEO_SUFFIXES))})")
             write_atomic(manifest, "".join(json.dumps(r) + "\n" for r in rows))
             write_atomic(folder / "source.json", json.dumps(source) + "\n")
-    elif src.is_file():
-        manifest = src
     else:
-        fail(f"--videos {src} is neither a folder of videos nor a manifest")
-    size = args.teacher_size or (TEACHER.get(args.size or "tiny") if args.model is None else None)
-    model = args.teacher_model or (args.model if size is None else None)
+        manifest = src
     teacher(argparse.Namespace(size=size, model=model, frames=args.frames, video_size=args.video_size,
                                device=args.device, dtype=args.dtype, manifest=str(manifest),
                                out=str(folder / "teacher.jsonl"), batch=args.teacher_batch,
@@ -1036,7 +1053,7 @@ def cli(argv):
     found, problems = run_checkpoints(run)
     exists = any((run / n).exists() for n in ("latest", "latest.old", "best"))
     resume = args.resume or (args.videos is not None and exists)  # --videos: a rerun goes on where it stopped
-    saved = {}
+    saved, defaults = {}, {}
     if resume:
         if not found:
             fail(f"nothing to resume in {run} ({'; '.join(problems) if problems else 'no latest/ checkpoint'})")
@@ -1044,6 +1061,7 @@ def cli(argv):
             print(f"warning: {problem}; resuming from {found[0][0].name}/", file=sys.stderr)
         # The saved arguments become the defaults, so only what is given again on the command line changes.
         saved = {k: v for k, v in found[0][1]["args"].items() if k in vars(args) and k not in ("stop_at", "resume")}
+        defaults = {k: p.get_default(k) for k in saved}
         p.set_defaults(**saved)
         args = p.parse_args(argv)
         args.out = str(run)
@@ -1063,8 +1081,15 @@ def cli(argv):
             if f is not None and not Path(f).is_file():
                 fail(f"--{name} manifest {f} not found")
     sources = {k: "the command line" if k in given else "the resumed run" for k in vars(args)
-               if k in given or k in saved}
-    return train(args, found if resume else None, sources)
+               if k in given or (k in saved and saved[k] != defaults[k])}
+    fresh = not run.exists()
+    try:
+        return train(args, found if resume else None, sources)
+    except BaseException:
+        # A new run that failed before it saved anything (no checkpoint, no data stage) leaves no folder behind.
+        if fresh and run.is_dir() and not any((run / n).exists() for n in ("latest", "latest.old", "best", "data")):
+            shutil.rmtree(run, ignore_errors=True)
+        raise
 
 
 def main(argv=None):
