@@ -664,6 +664,17 @@ def log_eta(say, times: list[float], step: int, stop_at: int):
         f"{stop_at}", file=sys.stderr)
 
 
+def validate_and_keep_best(vlm, hyper, val_set, args, d: Dist, cache, state: dict, log, saved):
+    """Validation CE into state and the log; best/ when it is the lowest yet."""
+    state["val_ce"] = validate(vlm, hyper, val_set, args, d, cache)
+    if d.rank == 0:
+        print(f"\nstep {state['step']}: val CE {state['val_ce']:.4f}", file=sys.stderr)
+        log.write(json.dumps({"step": state["step"], "val_ce": state["val_ce"], "time": time.time()}) + "\n")
+        if state["best_val_ce"] is None or state["val_ce"] < state["best_val_ce"]:
+            state["best_val_ce"] = state["val_ce"]
+            save_checkpoint(Path(args.out), "best", hyper, saved())
+
+
 def train(args, found=None, sources=None) -> dict:
     d = Dist(args.device)
     torch.manual_seed(args.seed)
@@ -723,13 +734,7 @@ def train(args, found=None, sources=None) -> dict:
             if len(times) == 3 and step < stop_at:  # the first step (caches, compiling) is not timed
                 log_eta(say, times, step, stop_at)
             if val_set is not None and (step % args.val_every == 0 or step == args.steps):
-                state["val_ce"] = validate(vlm, hyper, val_set, args, d, caches[1])
-                say(f"\nstep {step}: val CE {state['val_ce']:.4f}", file=sys.stderr)
-                if d.rank == 0:
-                    log.write(json.dumps({"step": step, "val_ce": state["val_ce"], "time": time.time()}) + "\n")
-                    if state["best_val_ce"] is None or state["val_ce"] < state["best_val_ce"]:
-                        state["best_val_ce"] = state["val_ce"]
-                        save_checkpoint(run, "best", hyper, saved())
+                validate_and_keep_best(vlm, hyper, val_set, args, d, caches[1], state, log, saved)
             stopping = bool(d.sum(stop.signum)[0]) or step == stop_at
             if stopping or step % args.save_every == 0:
                 if d.rank == 0:
