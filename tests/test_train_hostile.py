@@ -240,7 +240,7 @@ def test_the_whole_recipe_from_a_folder_of_videos_on_the_tiny_preset(tmp_path, c
     run = tmp_path / "run"
     cmd = ["--size", "tiny", "--videos", str(clips), "--out", str(run), "--steps", "5", "--stop-at", "4",
            "--val-every", "4", "--save-every", "4", "--batch", "1", "--teacher-tokens", "4", "--span-seconds", "2",
-           "--kl-weight", "0", "--cache-hidden-mb", "0", "--compile", "off"]
+           "--kl-weight", "0", "--cache-hidden-mb", "0", "--compile", "off", "--frames", "4"]
     state = train.main(cmd)
     err = capsys.readouterr().err
     assert state["step"] == 4 and state["best_val_ce"] is not None
