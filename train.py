@@ -744,6 +744,7 @@ def train(args, found=None, sources=None) -> dict:
                 break
         if lost and d.rank == 0:
             save_checkpoint(run, "latest", hyper, saved(), opt, sched)
+        del loader  # its workers end now, not whenever the interpreter gets to them
         bar.close()
     say(f"step {state['step']}: {skipped} rows skipped (video failed to decode); checkpoints in {run}", file=sys.stderr)
     if d.world > 1:
