@@ -52,9 +52,11 @@ TEACHER = {"tiny": "tiny", "256M": "2.2B", "500M": "2.2B", "2.2B": "2.2B"}
 # What each preset expects to run on (the paper reports no hardware; see docs/training.md for the measurements).
 HARDWARE = {
     "tiny": "a CPU: the shipped toy run took 18 min to step 3500 on 2 cores",
-    "256M": "one CUDA GPU with 24 GB or more (bf16)",
-    "500M": "one CUDA GPU with 24 GB or more (bf16); the paper's effective batch of 64 is 4 GPUs x 2 x accum 8",
-    "2.2B": "one CUDA GPU with 40 GB or more (bf16); the paper's effective batch of 64 is 4 GPUs x 2 x accum 8",
+    "256M": "one CUDA GPU with 24 GB or more (bf16; an estimate, not measured)",
+    "500M": "one CUDA GPU with 24 GB or more (bf16; an estimate, not measured); the paper's effective batch of 64 "
+            "is 4 GPUs x 2 x accum 8",
+    "2.2B": "one CUDA GPU with 40 GB or more (bf16; an estimate, not measured); the paper's effective batch of 64 "
+            "is 4 GPUs x 2 x accum 8",
 }
 
 

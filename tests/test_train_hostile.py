@@ -264,3 +264,25 @@ def test_the_whole_recipe_from_a_folder_of_videos_on_the_tiny_preset(tmp_path, c
     train.main(cmd[:i] + cmd[i + 2:])  # without --stop-at: resumes to the schedule's end, step 5
     assert [r["step"] for r in map(json.loads, (run / "log.jsonl").read_text().splitlines()) if "ce" in r] == \
         list(range(1, 6))
+
+
+def test_ctrl_c_in_the_teacher_keeps_its_finished_rows_and_exits_130(case, tmp_path, monkeypatch):
+    import signal
+    manifest, out = tmp_path / "m.jsonl", tmp_path / "t.jsonl"
+    manifest.write_text("".join(json.dumps({**r, "video_path": str(case["dir"] / r["video_path"])}) + "\n"
+                                for r in case["rows"]))
+    cmd = ["teacher", "--model", str(case["base"]), "--manifest", str(manifest), "--out", str(out), "--batch", "1",
+           "--max-new-tokens", "2"]
+    real, calls = M.generate, []
+
+    def interrupted(*a, **k):
+        calls.append(1)
+        if len(calls) == 1:
+            os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C during the first batch: it finishes, then the command stops
+        return real(*a, **k)
+    monkeypatch.setattr(M, "generate", interrupted)
+    with pytest.raises(SystemExit) as e:
+        train.main(cmd)
+    assert e.value.code == 130 and [json.loads(ln)["id"] for ln in out.read_text().splitlines()] == ["c0"]
+    train.main(cmd)  # the rerun finishes the rest
+    assert [json.loads(ln)["id"] for ln in out.read_text().splitlines()] == ["c0", "c1", "c2"]
