@@ -6,7 +6,7 @@ prompts/tokens (the `Processor`), then the JSONL manifest dataset used for train
 """
 from __future__ import annotations
 
-import bisect, json, math, os, sys, zlib
+import bisect, hashlib, json, math, os, sys, zlib
 from dataclasses import dataclass, field
 from datetime import timedelta
 from functools import lru_cache
@@ -392,27 +392,223 @@ def _warn(msg: str):
     print(f"warning: {msg}", file=sys.stderr)
 
 
-def read_manifest(path, data_root=None) -> tuple[list[dict], int]:
-    """Rows of a JSONL manifest ({"id", "video_path", "prompt", "target_text", ...}, the Frames2LoRA fields), with
-    `video_path` resolved against `data_root`, else $V2L_DATA_ROOT, else the manifest's folder. A malformed line
-    is reported with its line number and skipped. Returns (rows, number of skipped lines)."""
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_row(row, need_target: bool) -> str | None:
+    """Why a parsed manifest line is not a usable row, or None. Every field is checked for its type: a str() of
+    a null target would train the model to say "None"."""
+    if not isinstance(row, dict):
+        return "not a JSON object"
+    for key in ("video_path", "prompt") + (("target_text",) if need_target else ()):
+        if not isinstance(row.get(key), str) or not row[key].strip():
+            return f"{key} is not a non-empty string"
+    if not need_target and not isinstance(row.get("target_text", ""), str):
+        return "target_text is not a string"
+    if "id" in row and (not isinstance(row["id"], str) or not row["id"]):
+        return f"id {row['id']!r} is not a non-empty string"
+    start, end = row.get("start"), row.get("end")
+    for key, value in (("start", start), ("end", end)):
+        if value is not None and not (_number(value) and value >= 0):
+            return f"{key} {value!r} is not a number of seconds >= 0"
+    if start is not None and end is not None and end <= start:
+        return f"end {end} is not after start {start}"
+    return None
+
+
+def read_manifest(path, data_root=None, need_target: bool = True) -> tuple[list[dict], int]:
+    """Rows of a JSONL manifest ({"id", "video_path", "prompt", "target_text", optional "start"/"end" seconds, ...},
+    the Frames2LoRA fields), with `video_path` resolved against `data_root`, else $V2L_DATA_ROOT, else the
+    manifest's folder. A line that is not UTF-8, not JSON, or whose fields have the wrong type is skipped, and so is
+    a row whose id an earlier row already has (ids key every cache, so one row must never get another's targets);
+    the first few are named in a warning and all are counted. `need_target=False` reads a raw manifest, whose rows
+    need no target yet (train.py teacher writes them). Returns (rows, number of skipped lines)."""
     path = Path(path)
     root = Path(data_root or os.environ.get("V2L_DATA_ROOT") or path.parent)
-    rows, bad = [], 0
-    for n, line in enumerate(path.read_text().splitlines(), 1):
+    rows, seen, skipped = [], set(), []
+    for n, raw in enumerate(path.read_bytes().split(b"\n"), 1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            skipped.append(f"{path}:{n}: malformed manifest line skipped (not UTF-8)")
+            continue
         if not line.strip():
             continue
         try:
             row = json.loads(line)
-            row["video_path"] = str(root / row["video_path"])       # an absolute path stays as it is
-            row["prompt"], row["target_text"] = str(row["prompt"]), str(row["target_text"])
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            _warn(f"{path}:{n}: malformed manifest line skipped ({type(e).__name__}: {e})")
-            bad += 1
+        except json.JSONDecodeError as e:
+            skipped.append(f"{path}:{n}: malformed manifest line skipped (not JSON: {e.msg})")
             continue
-        row.setdefault("id", f"{path.stem}:{n}")
+        why = _check_row(row, need_target)
+        if why is None and row.setdefault("id", f"{path.stem}:{n}") in seen:
+            why = f"id {row['id']!r} repeats an earlier row's"
+        if why is not None:
+            skipped.append(f"{path}:{n}: malformed manifest line skipped ({why})")
+            continue
+        seen.add(row["id"])
+        row["video_path"] = str(root / row["video_path"])       # an absolute path stays as it is
         rows.append(row)
-    return rows, bad
+    for msg in skipped[:3]:
+        _warn(msg)
+    if len(skipped) > 3:
+        _warn(f"{path}: {len(skipped) - 3} more malformed lines skipped ({len(skipped)} in all)")
+    return rows, len(skipped)
+
+
+# ------------------------------------------------------------------------------------------- manifests from videos
+# method.md §6.1: three kinds of span, each with its prompts; a SHA-256 hash of the row id picks a row's prompt, and
+# the training mixture is 60 % scene / 30 % adjacent / 10 % full rows, the largest set that keeps those ratios.
+SPAN_PROMPTS = {
+    "scene": ("Describe what is happening in this scene.", "Write a short summary of this scene."),
+    "adjacent": ("Summarize this video segment.", "Describe the sequence of events in this segment."),
+    "full": ("Summarize this video in 1-3 sentences.",),
+}
+SPAN_MIX = {"scene": 0.6, "adjacent": 0.3, "full": 0.1}
+VIDEO_SUFFIXES = {".mp4", ".mkv", ".webm", ".mov", ".avi", ".m4v", ".mpg", ".mpeg", ".ts", ".flv", ".wmv", ".3gp"}
+
+
+def sha_int(text: str) -> int:
+    """A stable number from a string (SHA-256, first 8 bytes): the same on every machine and Python run."""
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big")
+
+
+def video_seconds(path) -> float:
+    """A video's length in seconds from its container, decoding nothing (raises DecodeError)."""
+    try:
+        with av.open(str(path)) as c:
+            if not c.streams.video:
+                raise DecodeError(f"{path}: no video stream")
+            s = c.streams.video[0]
+            if s.duration and s.time_base:
+                return float(s.duration * s.time_base)
+            if c.duration:
+                return c.duration / av.time_base
+            pts, _ = _scan(c, s)                                # Matroska/WebM may store no duration at all
+            return float((pts[-1] - pts[0]) * s.time_base) if len(pts) > 1 else 0.0
+    except (av.FFmpegError, OSError, UnicodeDecodeError) as e:
+        raise DecodeError(f"{path}: not a readable video ({e})") from None
+
+
+def _seconds(stamp) -> float:
+    """FineVideo's "HH:MM:SS.mmm" (or a number) -> seconds."""
+    if _number(stamp):
+        return float(stamp)
+    h, m, s = str(stamp).split(":")
+    return int(h) * 3600 + int(m) * 60 + float(s)
+
+
+def finevideo_scenes(meta: dict) -> tuple[list[tuple[float, float, list[str], str]], str]:
+    """A FineVideo video's JSON (the dataset's `json` column) -> ([(start, end, activity descriptions, fallback
+    text)] per scene, the video's description). Scenes with unreadable or empty times are left out."""
+    content = meta.get("content_metadata") or {}
+    scenes = []
+    for sc in content.get("scenes") or []:
+        try:
+            t = sc["timestamps"]
+            start, end = _seconds(t["start_timestamp"]), _seconds(t["end_timestamp"])
+        except (KeyError, TypeError, ValueError):
+            continue
+        if end > start:
+            acts = [a["description"] for a in sc.get("activities") or []
+                    if isinstance(a, dict) and isinstance(a.get("description"), str)]
+            mood = sc.get("mood")
+            mood = mood.get("description") if isinstance(mood, dict) else mood
+            fallback = sc.get("title") if isinstance(sc.get("title"), str) else mood if isinstance(mood, str) else ""
+            scenes.append((start, end, acts, fallback))
+    description = content.get("description")
+    return scenes, description if isinstance(description, str) else ""
+
+
+def _fixed_scenes(seconds: float, span: float) -> list[tuple[float, float, list[str], str]]:
+    """Without scene cuts: the video cut into equal spans of about `span` seconds, none of them the whole video."""
+    n = max(1, round(seconds / span))
+    edges = [seconds * i / n for i in range(n + 1)]
+    return [(a, b, [], "") for a, b in zip(edges[:-1], edges[1:])] if n > 1 else []
+
+
+def video_rows(path: Path, video_id: str, seconds: float, span: float, meta: dict | None) -> list[dict]:
+    """Every candidate row of one video (method.md §6.1): each scene; each run of 2 or 3 consecutive scenes (a hash
+    of the id picks 2 or 3); the whole video. Scenes come from FineVideo's metadata when there is some, else from
+    `_fixed_scenes`. target_text is the original target (first 2 activities / first 4 / the description) where the
+    metadata has one, else ""; the teacher replaces it either way (§6.2)."""
+    scenes, description = finevideo_scenes(meta) if meta else ([], "")
+    scenes = scenes or _fixed_scenes(seconds, span)
+    rows = []
+
+    def add(kind, key, target, start=None, end=None):
+        rid = f"{video_id}#{key}"
+        prompts = SPAN_PROMPTS[kind]
+        rows.append({"id": rid, "video_id": video_id, "video_path": str(path), "span": kind,
+                     **({"start": round(start, 3), "end": round(end, 3)} if start is not None else {}),
+                     "prompt": prompts[sha_int(rid) % len(prompts)], "target_text": target})
+
+    for k, (a, b, acts, fallback) in enumerate(scenes):
+        add("scene", f"scene{k}", " ".join(acts[:2]) or fallback, a, b)
+    for k in range(len(scenes) - 1):
+        n = 3 if k + 3 <= len(scenes) and sha_int(f"{video_id}#adjacent{k}") % 2 else 2
+        group = scenes[k:k + n]
+        if len(group) < len(scenes) or meta:   # a group that is the whole video would repeat the full row
+            add("adjacent", f"adjacent{k}+{n}", " ".join([x for g in group for x in g[2]][:4]), group[0][0],
+                group[-1][1])
+    add("full", "full", description)
+    return rows
+
+
+def mixture(rows: list[dict], mix: dict = SPAN_MIX) -> list[dict]:
+    """The largest set of rows, without repeats, whose span kinds keep the ratios of `mix` (kinds without any row
+    drop out and the rest keep their ratios); which rows is decided by a hash of their ids."""
+    pools = {k: sorted((r for r in rows if r["span"] == k), key=lambda r: sha_int(r["id"])) for k in mix}
+    share = {k: f for k, f in mix.items() if pools[k]}
+    if not share:
+        return []
+    total = sum(share.values())
+    n = min(len(pools[k]) * total / f for k, f in share.items())
+    return [r for k, f in share.items() for r in pools[k][:min(len(pools[k]), round(n * f / total))]]
+
+
+def split_by_video(rows: list[dict], val_fraction: float) -> tuple[list[dict], list[dict]]:
+    """Train/validation rows, split by video so no validation video is ever trained on: the videos whose hash
+    comes first go to validation (at least one when there are two or more videos, never all). Validation rows are
+    ordered by hash, so any first N of them mix the span kinds."""
+    videos = sorted({r.get("video_id", r["video_path"]) for r in rows}, key=lambda v: sha_int(f"split:{v}"))
+    n_val = 0 if len(videos) < 2 else min(len(videos) - 1, max(1, round(val_fraction * len(videos))))
+    held = set(videos[:n_val])
+    val = sorted((r for r in rows if r.get("video_id", r["video_path"]) in held), key=lambda r: sha_int(r["id"]))
+    return [r for r in rows if r.get("video_id", r["video_path"]) not in held], val
+
+
+def manifest_from_videos(folder, span: float = 30.0, out_dir=None) -> tuple[list[dict], dict]:
+    """Rows for every video under `folder` (recursively; hidden files skipped), mixed as method.md §6.1 mixes them.
+    A FineVideo JSON beside a video (same name, .json) gives its scenes and original targets. video_path is
+    relative to `out_dir` (where the manifest will be written) when given. Returns (rows, counts)."""
+    folder = Path(folder)
+    paths = sorted(p for p in folder.rglob("*") if p.suffix.lower() in VIDEO_SUFFIXES and p.is_file()
+                   and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+    rows, counts = [], {"videos": len(paths), "unreadable": 0, "with_metadata": 0}
+    for p in paths:
+        try:
+            seconds = video_seconds(p)
+        except DecodeError as e:
+            _warn(f"video skipped: {e}")
+            counts["unreadable"] += 1
+            continue
+        meta = None
+        sidecar = p.with_suffix(".json")
+        if sidecar.is_file():
+            try:
+                meta = json.loads(sidecar.read_bytes().decode("utf-8"))
+                counts["with_metadata"] += isinstance(meta, dict)
+            except (UnicodeDecodeError, json.JSONDecodeError):
+                _warn(f"{sidecar}: not a JSON file; {p.name} gets fixed-length spans")
+        where = os.path.relpath(p.resolve(), Path(out_dir).resolve()) if out_dir else p
+        rows += video_rows(where, p.relative_to(folder).as_posix(), seconds, span,
+                           meta if isinstance(meta, dict) else None)
+    mixed = mixture(rows)
+    counts.update({k: sum(r["span"] == k for r in rows) for k in SPAN_MIX})
+    counts.update({f"{k}_kept": sum(r["span"] == k for r in mixed) for k in SPAN_MIX})
+    keep = {r["id"] for r in mixed}
+    return [r for r in rows if r["id"] in keep], counts
 
 
 def plan_segments(start: float, end: float, n: int | None, seconds: float | None) -> list[tuple[float, float]]:
@@ -449,7 +645,7 @@ class VideoTextDataset(torch.utils.data.Dataset):
     def __init__(self, manifest, processor: Processor, data_root=None, cache_mb: float = 0, limit: int | None = None,
                  teacher_view: bool = False, compose_prob: float = 0.0, seed: int = 0, compose_where: str | None = None):
         self.manifest, self.proc = Path(manifest), processor
-        rows, self.malformed = read_manifest(manifest, data_root)
+        rows, self.malformed = read_manifest(manifest, data_root)   # malformed, mistyped and repeated-id lines
         self.rows = [r for r in rows if Path(r["video_path"]).is_file()][:limit]
         self.missing, self.undecodable = len(rows) - len(self.rows), 0
         self.cache: dict[str, tuple] = {}
@@ -460,13 +656,21 @@ class VideoTextDataset(torch.utils.data.Dataset):
     def __len__(self):
         return len(self.rows)
 
+    @staticmethod
+    def video_key(row: dict) -> str:
+        """What a row's clip is: its file, and its [start, end) span when it has one (every cache keys on this)."""
+        start, end = row.get("start"), row.get("end")
+        return row["video_path"] if start is None and end is None else f"{row['video_path']}#{start!r}-{end!r}"
+
     def __getitem__(self, key):
         i, self.composable = key if isinstance(key, tuple) else (key, True)
         row = self.rows[i]
-        if row["video_path"] in self.cache:
-            return self.item(row, *self.cache[row["video_path"]])
+        clip_key = self.video_key(row)
+        if clip_key in self.cache:
+            return self.item(row, *self.cache[clip_key])
         try:
-            clip = self.proc.load_video(row["video_path"])
+            span = {k: row[k] for k in ("start", "end") if row.get(k) is not None}
+            clip = self.proc.load_video(row["video_path"], **span)
         except DecodeError as e:
             self.undecodable += 1
             _warn(f"row {row['id']} skipped: {e}")
@@ -475,14 +679,14 @@ class VideoTextDataset(torch.utils.data.Dataset):
         size = sum(getattr(f, "nbytes", 0) for f in clip.frames) + sum(t.numel() * t.element_size()
                                                                          for t in (ctx_ids, pixels))
         if size <= self.cache_left:
-            self.cache[row["video_path"]], self.cache_left = (clip, ctx_ids, pixels), self.cache_left - size
+            self.cache[clip_key], self.cache_left = (clip, ctx_ids, pixels), self.cache_left - size
         return self.item(row, clip, ctx_ids, pixels)
 
     def item(self, row: dict, clip: Clip, ctx_ids: torch.Tensor, pixels: torch.Tensor) -> dict | None:
         """One decoded row -> the tensors `collate` pads."""
         ids, labels = self.proc.training_pair(row["prompt"], row["target_text"])
         out = {"id": row["id"], "pixel_values": pixels, "ctx_ids": ctx_ids[0], "ids": ids, "labels": labels,
-               "ctx_keys": [row["video_path"]]}  # what the VLM encodes, by name (train.py's HiddenCache)
+               "ctx_keys": [self.video_key(row)]}  # what the VLM encodes, by name (train.py's HiddenCache)
         if self.teacher_view:  # the same decoded clip, as the teacher saw it: video in context, then the answer
             head, _ = self.proc.question_inputs(row["prompt"], video=clip)
             tail = labels[labels != -100]
@@ -490,7 +694,8 @@ class VideoTextDataset(torch.utils.data.Dataset):
             out["t_labels"] = torch.cat([torch.full_like(head[0], -100), tail])
         if self.compose_prob > 0 and getattr(self, "composable", True) and self.composed(row):
             try:
-                spans = plan_segments(0.0, clip.duration, 2, None)
+                t0 = row.get("start") or 0.0  # the halves of the row's own span, in the file's seconds
+                spans = plan_segments(t0, t0 + clip.duration, 2, None)
                 out["segments"] = [self.segment_inputs(row["video_path"], s, e) for s, e in spans]
                 out["ctx_keys"] = [f"{row['video_path']}#{s!r}-{e!r}" for s, e in spans]
             except DecodeError as e:

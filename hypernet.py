@@ -415,24 +415,27 @@ def _paths(path) -> tuple[Path, Path]:
     return p, p.with_suffix(".json")
 
 
-def save_hypernet(path, hyper: HyperNet, release: dict | None = None) -> Path:
-    """Write weights and config (each to a temp file, then renamed); returns the .safetensors path.
-    `release`: provenance of a converted released checkpoint, kept in the JSON beside the config."""
+def save_hypernet(path, hyper: HyperNet, release: dict | None = None, base: dict | None = None) -> Path:
+    """Write weights and config (each to a temp file, then renamed); returns the .safetensors path. Kept in the JSON
+    beside the config: `release`, the provenance of a converted released checkpoint; `base`, the fingerprint of the
+    base model it was trained on (adapter.base_facts), which load_hypernet checks."""
     weights, cfg = _paths(path)
     weights.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().contiguous().cpu() for k, v in hyper.state_dict().items()}
     save_file(tensors, str(weights) + ".tmp", metadata={"format": "pt"})
     os.replace(str(weights) + ".tmp", weights)
-    info = {"hyper_config": hyper.config.to_dict(), **({"release": release} if release else {})}
+    info = {"hyper_config": hyper.config.to_dict(), **({"release": release} if release else {}),
+            **({"base": base} if base else {})}
     Path(str(cfg) + ".tmp").write_text(json.dumps(info, indent=2))
     os.replace(str(cfg) + ".tmp", cfg)
     return weights
 
 
-def load_hypernet(path, model_config=None, device="cpu", cache_dir=None) -> HyperNet:
+def load_hypernet(path, model_config=None, device="cpu", cache_dir=None, base: dict | None = None) -> HyperNet:
     """Load a hypernetwork: our folder or .safetensors, the authors' released .pt (converted on first use, then read
     from the cache, see convert_released), or hf:REPO/FILE (downloaded first). With `model_config`, first check it
-    fits that base model (L, D, dims). `hyper.source` says what was read: {"weights": the safetensors path,
+    fits that base model (L, D, dims); with `base` (adapter.base_facts of the model it will run on), refuse one that
+    train.py recorded as trained on another. `hyper.source` says what was read: {"weights": the safetensors path,
     "release": provenance of the .pt or None}."""
     local = fetch_hypernet(path)
     if is_released_checkpoint(local):
@@ -443,6 +446,10 @@ def load_hypernet(path, model_config=None, device="cpu", cache_dir=None) -> Hype
             raise FileNotFoundError(f"no hypernetwork file {p}")
     info = json.loads(cfg_path.read_text())
     config = HyperConfig.from_dict(info["hyper_config"])
+    trained_on = info.get("base") or {}
+    if base is not None and any(trained_on[k] != base[k] for k in trained_on if k.endswith("_sha256") and k in base):
+        raise ValueError(f"it was trained on base {trained_on.get('base_model')}, whose fingerprint differs from this "
+                         f"base's: pass the --size/--model it was trained on")
     if model_config is not None:
         config.check_matches(model_config)
     with torch.device("meta"):  # no init work: every tensor comes from the file (strict, gpt-fast style)

@@ -94,7 +94,7 @@ def load_models(size: str | None = "tiny", model: str | None = None, hypernet=No
         raise ValueError(f"hypernetwork {e}") from None
     base = load_base(size, model, device, dtype, frames, video_size)
     try:
-        hyper = load_hypernet(local, base.vlm.config, device=base.device, cache_dir=hypernet_cache)
+        hyper = load_hypernet(local, base.vlm.config, device=base.device, cache_dir=hypernet_cache, base=base.meta)
     except FileNotFoundError:
         raise ValueError(f"no hypernetwork at {spec} (train one with train.py, or pass --hypernet)") from None
     except ReleaseError as e:  # its message starts with the file

@@ -201,19 +201,19 @@ def test_a_batch_in_length_sorted_chunks_has_the_same_losses(clips, tmp_path):
         torch.testing.assert_close(grad, results[0][2], atol=1e-6, rtol=1e-4)
 
 
-def _train(clips, out, steps):
+def _train(clips, out, steps, *extra):
     threads = torch.get_num_threads()  # --threads sets the process-wide count: give the rest of the suite its own back
     try:
-        _main(clips, out, steps)
+        _main(clips, out, steps, *extra)
     finally:
         torch.set_num_threads(threads)
     return load_file(out / "model.safetensors")
 
 
-def _main(clips, out, steps):
+def _main(clips, out, steps, *extra):
     toy_base.main(["--train", str(clips[0]), "--val", str(clips[1]), "--out", str(out), "--steps", str(steps),
                    "--batch", "2", "--vision-steps", "3", "--vision-batch", "4", "--val-clips", "2",
-                   "--minutes", "0", "--threads", "1"])
+                   "--minutes", "0", "--threads", "1", "--save-every", "1", *extra])
 
 
 def test_two_stage_training_writes_a_loadable_model_and_stage_2_leaves_the_tower_alone(clips, tmp_path):
@@ -285,3 +285,84 @@ def test_gist_branch_is_the_internalization_prompt_and_its_caption_sees_no_video
                 position_ids=torch.tensor([plain["positions"]])).logits
         b = vlm(torch.tensor([gist["ids"]]), pixels, mask, position_ids=torch.tensor([gist["positions"]])).logits
     assert torch.allclose(a[0], b[0, :n], atol=1e-5)
+
+
+def test_the_toy_base_resumes_exactly_after_sigterm_and_refuses_what_would_train_nothing(clips, tmp_path, monkeypatch):
+    """A signal in stage 2 saves OUT/resume at the end of the step and exits 143; --resume continues to the very
+    weights of an uninterrupted run. A batch larger than the clips, a rerun over an interrupted run without
+    --resume, and --resume with other recipe flags are one-line errors that leave every file as it was."""
+    import hashlib, os, signal
+    full = _train(clips, tmp_path / "full", 4)
+    calls, real = [], toy_base.batch_loss
+
+    def signalled(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:  # during stage-2 step 2
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(*a, **k)
+    monkeypatch.setattr(toy_base, "batch_loss", signalled)
+    with pytest.raises(SystemExit) as e:
+        _train(clips, tmp_path / "cut", 4)
+    assert e.value.code == 128 + signal.SIGTERM
+    assert json.loads((tmp_path / "cut" / "resume" / "state.json").read_text())["step"] == 2
+    monkeypatch.setattr(toy_base, "batch_loss", real)
+    snapshot = lambda: {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in tmp_path.rglob("*") if p.is_file()}
+    before = snapshot()
+    for extra, match in ((["--batch", "99"], "more clips"), ([], "pass --resume"), (["--resume", "--lr", "0.1"], "--lr"),
+                         (["--steps", "0"], "--steps must be at least 1")):
+        with pytest.raises(SystemExit) as e:
+            _main(clips, tmp_path / ("cut" if "more clips" not in match else "new"), 4, *extra)
+        assert str(e.value).startswith("error: ") and match in str(e.value) and "\n" not in str(e.value), e.value
+    assert snapshot() == before and not (tmp_path / "new").exists()
+    cut = _train(clips, tmp_path / "cut", 4, "--resume")
+    assert set(cut) == set(full) and all(torch.equal(cut[k], full[k]) for k in full)
+    assert not (tmp_path / "cut" / "resume").exists() and not list(tmp_path.glob("**/*.tmp"))
+
+
+def test_reproduce_sh_never_ships_an_interrupted_run_and_keys_the_hypernetwork_by_its_base(tmp_path):
+    """toy/reproduce.sh with every command faked (a `python` on PATH that writes what the real one would, or is
+    stopped at one stage): a stage that exits 143 stops the script before checkpoints/tiny is touched; a full run
+    ships base and hypernetwork together; a rebuilt base gets its own teacher targets and hypernetwork folder."""
+    import hashlib, os, shutil, subprocess
+    from pathlib import Path
+    repo = tmp_path / "repo"
+    (repo / "toy").mkdir(parents=True)
+    shutil.copy(Path(toy_base.__file__).parent / "reproduce.sh", repo / "toy" / "reproduce.sh")
+    for part in ("base", "hypernet"):
+        (repo / "checkpoints" / "tiny" / part).mkdir(parents=True)
+        (repo / "checkpoints" / "tiny" / part / "shipped.txt").write_text("the shipped pair\n")
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "python").write_text(r'''#!/usr/bin/env bash
+# A stand-in for each stage: writes what it would write; $STOP names a stage that is stopped by SIGTERM.
+echo "$*" >> calls.log
+out=""; prev=""
+for a in "$@"; do [ "$prev" = "--out" ] && out=$a; prev=$a; done
+case "$*" in
+  *toy.base*) stage=base ;; *"train.py teacher"*) stage=teacher ;; *train.py*) stage=hypernet ;; *) stage=other ;;
+esac
+if [ "$stage" = base ]; then mkdir -p "$out"; echo "$BASE" > "$out/model.safetensors"; echo '{}' > "$out/config.json"; fi
+if [ "$stage" = teacher ]; then mkdir -p "$(dirname "$out")"; echo rows > "$out"; fi
+if [ "$stage" = hypernet ]; then mkdir -p "$out/best" "$out/latest"; echo w > "$out/best/hypernet.safetensors"; echo '{}' > "$out/best/hypernet.json"; fi
+[ "$stage" = "$STOP" ] && exit 143
+[ "$stage" = base ] && echo '{}' > "$out/training.json"
+exit 0
+''')
+    (bin_dir / "python").chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "BASE": "one"}
+    shipped = lambda: {str(p.relative_to(repo)): p.read_text() for p in (repo / "checkpoints").rglob("*") if p.is_file()}
+    before = shipped()
+    for stop in ("base", "teacher", "hypernet"):
+        r = subprocess.run(["bash", "toy/reproduce.sh"], cwd=repo, env={**env, "STOP": stop}, capture_output=True)
+        assert r.returncode == 143 and shipped() == before, (stop, r.stderr)
+    r = subprocess.run(["bash", "toy/reproduce.sh"], cwd=repo, env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert shipped() == {"checkpoints/tiny/base/model.safetensors": "one\n", "checkpoints/tiny/base/config.json": "{}\n",
+                         "checkpoints/tiny/base/training.json": "{}\n", "checkpoints/tiny/hypernet/hypernet.json": "{}\n",
+                         "checkpoints/tiny/hypernet/hypernet.safetensors": "w\n"}
+    first = sorted(p.name for p in (repo / "runs" / "toy").glob("base-*"))
+    shutil.rmtree(repo / "runs" / "toy" / "base")  # a new base: its teacher and hypernetwork are made anew
+    r = subprocess.run(["bash", "toy/reproduce.sh"], cwd=repo, env={**env, "BASE": "two"}, capture_output=True)
+    keyed = sorted(p.name for p in (repo / "runs" / "toy").glob("base-*"))
+    assert r.returncode == 0 and len(first) == 1 and len(keyed) == 2 and first[0] in keyed
+    assert not list((repo / "checkpoints").glob("*.tmp"))

@@ -42,7 +42,8 @@ from tqdm import tqdm
 import data
 import model as M
 from toy import world
-from train import parse_with_recipe
+from safetensors.torch import load_file
+from train import StopFlag, Stopped, fail, parse_with_recipe, run_cli, temp_path, umask_modes
 
 
 MOTION_LAYER = 2  # the dense heads read the residual stream entering decoder layer 2 (of 4)
@@ -59,10 +60,24 @@ def toy_config(vocab_size: int, image_token_id: int) -> M.SmolVLMConfig:
     return M.SmolVLMConfig(vision, text, scale_factor=2, image_token_id=image_token_id)
 
 
-def write_model_dir(out: Path, config: M.SmolVLMConfig, tokenizer, state: dict[str, torch.Tensor], max_frames=12):
-    """Everything a released SmolVLM2 folder holds that our loader and transformers read, written atomically."""
-    tmp = out.with_name(out.name + ".tmp")
+def write_model_dir(out: Path, config: M.SmolVLMConfig, tokenizer, state: dict[str, torch.Tensor], max_frames=12,
+                    report: dict | None = None):
+    """Everything a released SmolVLM2 folder holds that our loader and transformers read, written atomically (with
+    `report` as training.json, so a folder that has one is always complete). It replaces all of `out`."""
+    tmp = temp_path(out)
     shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        _write_model_files(tmp, config, tokenizer, state, max_frames, report)
+        umask_modes(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+
+
+def _write_model_files(tmp: Path, config, tokenizer, state, max_frames, report):
     tmp.mkdir(parents=True)
     tok = lambda t: tokenizer.token_to_id(t)  # noqa: E731
     side = config.vision.image_size
@@ -89,9 +104,8 @@ def write_model_dir(out: Path, config: M.SmolVLMConfig, tokenizer, state: dict[s
     tokenizer.save(str(tmp / "tokenizer.json"))
     save_file({k: v.detach().contiguous() for k, v in state.items()}, tmp / "model.safetensors",
               metadata={"format": "pt"})
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
+    if report is not None:
+        (tmp / "training.json").write_text(json.dumps(report, indent=2) + "\n")
 
 
 def init_weights(vlm: M.SmolVLM, std: float = 0.02):
@@ -215,7 +229,7 @@ def frame_targets(examples: list[dict], grid: int) -> tuple[torch.Tensor, torch.
 
 
 def pretrain_vision(vlm: M.SmolVLM, train: list[dict], val: list[dict], steps: int, batch: int, lr: float,
-                    rng: random.Random) -> float:
+                    rng: random.Random, stop=None) -> float:
     """Stage 1, the toy stand-in for SigLIP's own pretraining: the vision tower learns, per patch, the colour and
     shape of the object over it and the patch's own place in the frame (linear heads on its output, thrown away
     after), on the training clips' frames and their mirror images. Through the answer loss alone a tower trained
@@ -240,6 +254,8 @@ def pretrain_vision(vlm: M.SmolVLM, train: list[dict], val: list[dict], steps: i
     opt = torch.optim.AdamW([*vision.parameters(), *head.parameters()], lr=lr, weight_decay=0.01)
     bar = tqdm(range(steps), desc="toy vision", unit="step")
     for _ in bar:
+        if stop is not None and stop.set:  # the caller raises Stopped
+            return 0.0
         idx = torch.tensor(rng.sample(range(len(frames)), batch))
         x, y = frames[idx], targets[idx]
         if rng.random() < 0.5:  # mirror left-right: upright triangles stay upright; patch columns reverse
@@ -389,24 +405,92 @@ def accuracy(vlm, proc, examples) -> dict[str, float]:
     return acc
 
 
+# ------------------------------------------------------------------------------------------------ resuming
+# RESUMED: the options that shape what the run computes; resuming with any of them changed would mix two runs.
+RESUMED = ("train", "val", "vision_steps", "vision_batch", "vision_lr", "steps", "batch", "chunks", "lr",
+           "motion_weight", "shape_weight", "seed")
+
+
+def save_resume(out: Path, vlm: M.SmolVLM, heads: dict, state: dict, opt=None, sched=None):
+    """OUT/resume/: everything a later run needs to continue exactly where this one is (after stage 1, and every
+    --save-every stage-2 steps): the weights (model + dense heads), the optimizer and schedule, both random number
+    generators and the wall-clock time used. Written to a temp folder and swapped in; OUT's final model replaces
+    it all at the end."""
+    final = out / "resume"
+    tmp = temp_path(final)
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir(parents=True)
+        tensors = {**{f"vlm.{k}": v for k, v in vlm.state_dict().items()},
+                   **{f"heads.{n}.{k}": v for n, h in heads.items() for k, v in h.state_dict().items()}}
+        save_file({k: v.detach().contiguous() for k, v in tensors.items()}, tmp / "model.safetensors")
+        if opt is not None:
+            torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict()}, tmp / "trainer.pt")
+        torch.save({"torch_rng": torch.get_rng_state()}, tmp / "rng.pt")
+        (tmp / "state.json").write_text(json.dumps(state, indent=2) + "\n")
+        umask_modes(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+
+
+def load_resume(out: Path, vlm: M.SmolVLM, heads: dict) -> dict:
+    """Load OUT/resume/ into vlm and heads; returns its state (stage, step, rng, elapsed, ...)."""
+    folder = out / "resume"
+    try:
+        state = json.loads((folder / "state.json").read_text())
+        tensors = load_file(folder / "model.safetensors")
+        vlm.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("vlm.")}, strict=True)
+        for n, h in heads.items():
+            h.load_state_dict({k[len(n) + 7:]: v for k, v in tensors.items() if k.startswith(f"heads.{n}.")},
+                              strict=True)
+        torch.set_rng_state(torch.load(folder / "rng.pt", weights_only=True)["torch_rng"])
+        if (folder / "trainer.pt").is_file():
+            state["trainer"] = torch.load(folder / "trainer.pt", weights_only=True)
+    except Exception as e:  # a corrupted or truncated file: say which, in one line
+        fail(f"{folder} does not load ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); delete it "
+             f"to start over")
+    return state
+
+
+def _rng_state(rng: random.Random) -> list:
+    version, internal, gauss = rng.getstate()
+    return [version, list(internal), gauss]
+
+
+def _set_rng(rng: random.Random, saved: list):
+    rng.setstate((saved[0], tuple(saved[1]), saved[2]))
+
+
 def train(args) -> None:
-    start = time.time()  # --minutes covers loading and both stages
+    out = Path(args.out)
+    resuming = (out / "resume" / "state.json").is_file()
+    # The processor reads the tokenizer and frame geometry from a model folder: the untrained one, written and
+    # read back at once (and gone before any training; OUT's final model replaces everything in OUT).
     torch.manual_seed(args.seed)
     random.seed(args.seed)
     tokenizer = world.toy_tokenizer()
     config = toy_config(tokenizer.get_vocab_size(), tokenizer.token_to_id("<image>"))
-    # The processor reads the tokenizer and frame geometry from a model folder: write the untrained one first.
-    stage = Path(args.out).with_name(Path(args.out).name + ".init")
     vlm = M.SmolVLM(config)
     init_weights(vlm)
-    write_model_dir(stage, config, tokenizer, vlm.state_dict())
-    proc = data.Processor(stage)
+    stage = out / "init.tmp"
+    try:
+        write_model_dir(stage, config, tokenizer, vlm.state_dict())
+        proc = data.Processor(stage)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
     train_rows = load_examples(args.train, proc, workers=args.threads)
     val_set = load_examples(args.val, proc, limit=args.val_clips, workers=args.threads)
     by_clip: dict[str, list[dict]] = {}
     for ex in train_rows:
         by_clip.setdefault(ex["row"]["video_path"], []).append(ex)
     train_set = list(by_clip.values())
+    if args.batch > len(train_set):
+        fail(f"--batch {args.batch} is more clips than {args.train} has ({len(train_set)}); lower --batch")
+    if args.vision_steps and args.vision_batch > sum(len(qs[0]["indices"]) for qs in train_set):
+        fail(f"--vision-batch {args.vision_batch} is more frames than the training clips have; lower it")
     # Dense objectives on the decoder's residual stream (heads thrown away after): name -> (targets, classes, weight).
     dense = {"motion": (motion_targets, len(world.DIRECTIONS), args.motion_weight),
              "shape": (shape_targets, len(world.SHAPES), args.shape_weight)}
@@ -423,22 +507,50 @@ def train(args) -> None:
     rng = random.Random(args.seed)
     print(f"{len(train_set)} training clips ({len(train_rows)} questions), {len(val_set)} validation questions; "
           f"{sum(p.numel() for p in vlm.parameters()) / 1e6:.2f}M parameters", file=sys.stderr)
-    patch_acc = None
-    if args.vision_steps:
-        patch_acc = pretrain_vision(vlm, train_rows, val_set, args.vision_steps, args.vision_batch, args.vision_lr,
-                                    rng)
-        print(f"stage 1 ({(time.time() - start) / 60:.1f} min): held-out shape accuracy on object patches "
-              f"{patch_acc:.3f}", file=sys.stderr)
-    # Stage 2 trains the connector and the decoder on the questions; the tower stays as stage 1 left it (the
-    # answer loss's early, noisy gradient would wipe out what it learned).
+    state = {"stage": 0, "step": 0, "elapsed": 0.0, "patch_acc": None, "args": {k: getattr(args, k) for k in RESUMED}}
+    if resuming:
+        state = load_resume(out, vlm, heads)
+        _set_rng(rng, state["rng"])
+        print(f"resumed {out / 'resume'}: stage {state['stage']} done" if state["stage"] == 1 else
+              f"resumed {out / 'resume'} at stage-2 step {state['step']}", file=sys.stderr)
+    start = time.time() - state["elapsed"]  # --minutes covers loading and both stages, over every resumed run
+    with StopFlag("stopping after this step") as stop:
+        if args.vision_steps and state["stage"] == 0:
+            state["patch_acc"] = pretrain_vision(vlm, train_rows, val_set, args.vision_steps, args.vision_batch,
+                                                 args.vision_lr, rng, stop)
+            if stop.set:
+                raise Stopped(stop.signum, "stage 1 is not saved part-way: a rerun with --resume starts it again")
+            print(f"stage 1 ({(time.time() - start) / 60:.1f} min): held-out shape accuracy on object patches "
+                  f"{state['patch_acc']:.3f}", file=sys.stderr)
+            state.update(stage=1, rng=_rng_state(rng), elapsed=time.time() - start)
+            save_resume(out, vlm, heads, state)
+        step = stage_two(args, vlm, heads, dense, proc, train_set, rng, state, start, stop)
+    minutes = (time.time() - start) / 60
+    acc = accuracy(vlm, proc, val_set)
+    print(f"trained in {minutes:.1f} min; held-out in-context accuracy: "
+          + ", ".join(f"{k} {v:.3f}" for k, v in acc.items()), file=sys.stderr)
+    report = {"steps": step, "minutes": round(minutes, 2), "heldout_patch_shape_accuracy": state["patch_acc"],
+              "heldout_in_context_accuracy": acc, "args": vars(args)}
+    write_model_dir(out, config, tokenizer, vlm.state_dict(), report=report)  # replaces OUT/resume too
+    print(f"wrote {args.out}", file=sys.stderr)
+
+
+def stage_two(args, vlm, heads, dense, proc, train_set, rng, state, start, stop) -> int:
+    """Stage 2 (the module docstring): connector + decoder on the questions, the tower frozen. Saves OUT/resume every
+    --save-every steps and when a signal asks it to stop (then raises Stopped). Returns the steps done."""
+    # The tower stays as stage 1 left it (the answer loss's early, noisy gradient would wipe out what it learned).
     vlm.model.vision_model.requires_grad_(not args.vision_steps)
     params = [p for p in vlm.parameters() if p.requires_grad] + [p for h in heads.values() for p in h.parameters()]
     opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.95), weight_decay=0.01)
     warmup = max(1, args.steps // 20)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, args.steps) / args.steps)))
-    bar = tqdm(range(args.steps), desc="toy base", unit="step")
-    for step in bar:
+    if "trainer" in state:
+        opt.load_state_dict(state["trainer"]["optimizer"])
+        sched.load_state_dict(state["trainer"]["scheduler"])
+    out, step = Path(args.out), state["step"]
+    bar = tqdm(range(step, args.steps), desc="toy base", unit="step", initial=step, total=args.steps)
+    for step in range(step + 1, args.steps + 1):
         vlm.train()
         batch = [branches(qs, rng) for qs in rng.sample(train_set, args.batch)]
         loss, dense_losses = batch_loss(vlm, batch, proc.pad_id, heads, args.chunks)
@@ -447,27 +559,31 @@ def train(args) -> None:
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
+        bar.update(1)
         bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{sched.get_last_lr()[0]:.1e}",
                         **{name: f"{v.item():.3f}" for name, v in dense_losses.items()})
+        state.update(stage=1, step=step, rng=_rng_state(rng), elapsed=time.time() - start)
+        if stop.set or step % args.save_every == 0:
+            state.pop("trainer", None)
+            save_resume(out, vlm, heads, state, opt, sched)
+        if stop.set:
+            bar.close()
+            raise Stopped(stop.signum, f"{out / 'resume'} holds stage-2 step {step}; continue with --resume")
         if args.minutes and time.time() - start > args.minutes * 60:
-            print(f"time budget of {args.minutes} min reached at step {step + 1}", file=sys.stderr)
+            print(f"time budget of {args.minutes} min reached at step {step}", file=sys.stderr)
             break
-    minutes = (time.time() - start) / 60
-    acc = accuracy(vlm, proc, val_set)
-    print(f"trained in {minutes:.1f} min; held-out in-context accuracy: "
-          + ", ".join(f"{k} {v:.3f}" for k, v in acc.items()), file=sys.stderr)
-    write_model_dir(Path(args.out), config, tokenizer, vlm.state_dict())
-    (Path(args.out) / "training.json").write_text(json.dumps(
-        {"steps": step + 1, "minutes": round(minutes, 2), "heldout_patch_shape_accuracy": patch_acc,
-         "heldout_in_context_accuracy": acc, "args": vars(args)}, indent=2) + "\n")
-    shutil.rmtree(stage, ignore_errors=True)
-    print(f"wrote {args.out}", file=sys.stderr)
+    bar.close()
+    return step
 
 
 RECIPE = Path(__file__).resolve().parent / "recipes" / "base.toml"
 
 
 def main(argv=None):
+    return run_cli(cli, argv)
+
+
+def cli(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--recipe", default=str(RECIPE), help="TOML file of the options below (default: the shipped "
                                                          "recipe); options given on the command line override it")
@@ -476,6 +592,8 @@ def main(argv=None):
     p.add_argument("--val-clips", type=int, default=100, help="held-out clips scored at the end")
     p.add_argument("--out", default="runs/toy/base", help="model folder to write (the shipped one is only "
                                                           "replaced by toy/reproduce.sh, from a finished run)")
+    p.add_argument("--resume", action="store_true", help="continue the interrupted run in --out (OUT/resume/)")
+    p.add_argument("--save-every", type=int, default=200, help="stage 2: save OUT/resume every N steps")
     g = p.add_argument_group("recipe (defaults from --recipe)")
     g.add_argument("--vision-steps", type=int, help="stage 1: vision tower pretraining steps")
     g.add_argument("--vision-batch", type=int, help="stage 1: frames per step")
@@ -485,7 +603,8 @@ def main(argv=None):
     g.add_argument("--chunks", type=int, help="stage 2: forward passes per step, over clips of similar length")
     g.add_argument("--lr", type=float, help="stage 2: learning rate")
     g.add_argument("--minutes", type=float, help="stop stage 2 early at this wall-clock budget, counted from the "
-                                                 "start (loading included; the final score comes after); 0: none")
+                                                 "start (loading included, over resumed runs too; the final score "
+                                                 "comes after); 0: none")
     g.add_argument("--motion-weight", type=float, help="stage 2: weight of the dense motion loss (0: off)")
     g.add_argument("--shape-weight", type=float, help="stage 2: weight of the dense shape loss (0: off)")
     g.add_argument("--seed", type=int, help="init, data order")
@@ -494,12 +613,50 @@ def main(argv=None):
     args = parse_with_recipe(p, argv)
     unset = [a.option_strings[0] for a in g._group_actions if getattr(args, a.dest) is None]
     if unset:
-        raise SystemExit(f"error: recipe {args.recipe} sets no {', '.join(unset)}")
+        fail(f"recipe {args.recipe} sets no {', '.join(unset)}")
+    check_args(args)
+    torch.set_num_threads(args.threads)
+    out, fresh = Path(args.out), not Path(args.out).exists()
+    try:
+        train(args)
+    finally:  # a run that failed before saving anything leaves no empty folder behind
+        if fresh and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()
+
+
+def check_args(args):
+    """Refuse, before any work, numbers that would train nothing and a run folder that is not this run's."""
+    for name in ("steps", "batch", "chunks", "vision_batch", "val_clips", "threads", "save_every"):
+        if getattr(args, name) < 1:
+            fail(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    for name in ("vision_steps", "minutes", "motion_weight", "shape_weight"):
+        if not getattr(args, name) >= 0:
+            fail(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    for name in ("lr", "vision_lr"):
+        if not (getattr(args, name) > 0 and math.isfinite(getattr(args, name))):
+            fail(f"--{name.replace('_', '-')} must be a positive number, got {getattr(args, name)}")
     for f in (args.train, args.val):
         if not Path(f).is_file():
-            raise SystemExit(f"error: {f} not found; write clips first with `python -m toy.world clips ...`")
-    torch.set_num_threads(args.threads)
-    train(args)
+            fail(f"{f} not found; write clips first with `python -m toy.world clips ...`")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        fail(f"--out {out} exists and is not a folder")
+    if (out / "training.json").is_file():
+        fail(f"{out} already holds a trained base; choose another --out (or delete it to train again)")
+    saved = out / "resume" / "state.json"
+    if saved.is_file() and not args.resume:
+        fail(f"{out} holds an interrupted run; pass --resume to continue it, or choose another --out")
+    if args.resume:
+        if not saved.is_file():
+            fail(f"nothing to resume in {out} (no resume/state.json)")
+        try:
+            before = json.loads(saved.read_text())["args"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            fail(f"{saved} does not read ({type(e).__name__}); delete {out / 'resume'} to start over")
+        changed = [f"--{k.replace('_', '-')} {getattr(args, k)} (the run's: {before.get(k)})" for k in RESUMED
+                   if before.get(k) != getattr(args, k)]
+        if changed:
+            fail(f"--resume continues the run as it was, and {', '.join(changed)} would change it")
 
 
 if __name__ == "__main__":
