@@ -42,9 +42,10 @@ def run_internalize(w, *extra):
     internalize.main([str(w / "clip.mp4"), "--model", str(w / "base"), "--hypernet", str(w / "hyper"), *extra])
 
 
-def ask_json(capsys, *argv) -> list[dict]:
+def ask_json(capsys, *argv, base=None) -> list[dict]:
+    """ask.py --json; `base`: the --model folder (adapters of a local base model need it named)."""
     capsys.readouterr()
-    ask.main([*map(str, argv), "--json", "--max-new-tokens", "6"])
+    ask.main([*map(str, argv), "--json", "--max-new-tokens", "6", *(["--model", str(base)] if base else [])])
     return [json.loads(line) for line in capsys.readouterr().out.splitlines()]
 
 
@@ -71,7 +72,7 @@ def test_internalize_then_ask(w, capsys):
 
     # ask.py: zero visual tokens, and the answer is greedy generation with the adapter as the LoRA argument.
     q_ids, _ = proc.question_inputs("What color is the square?")
-    (r,) = ask_json(capsys, out, "What color is the square?")
+    (r,) = ask_json(capsys, out, "What color is the square?", base=w / "base")
     assert (r["mode"], r["visual_tokens"], r["input_tokens"]) == ("adapter", 0, q_ids.shape[1])
     gen = M.generate(vlm, q_ids, lora=ad.lora(), lora_alpha=128.0, max_new_tokens=6, eos_token_id=proc.eou_id)[0]
     assert r["answer"] == proc.decode(gen).strip() and r["new_tokens"] == len(gen)
@@ -80,10 +81,10 @@ def test_internalize_then_ask(w, capsys):
     assert not torch.allclose(with_lora, vlm(q_ids).logits, atol=1e-3)  # the adapter really changes the model
 
     # Several questions and stdin lines: one load, one answer each; streaming text mode prints the same answer.
-    rs = ask_json(capsys, out, "What color is the square?", "Where does it move?")
+    rs = ask_json(capsys, out, "What color is the square?", "Where does it move?", base=w / "base")
     assert [x["question"] for x in rs] == ["What color is the square?", "Where does it move?"]
     assert rs[0]["answer"] == r["answer"]
-    ask.main([str(out), "What color is the square?", "--max-new-tokens", "6", "--timing"])
+    ask.main([str(out), "What color is the square?", "--max-new-tokens", "6", "--timing", "--model", str(w / "base")])
     cap = capsys.readouterr()
     assert cap.out.strip() == r["answer"] and "TTFT" in cap.err and "(0 visual)" in cap.err
 
@@ -93,7 +94,7 @@ def test_stdin_questions(w, capsys, monkeypatch):
     if not out.exists():
         run_internalize(w, "-o", str(out))
     monkeypatch.setattr(sys, "stdin", __import__("io").StringIO("first question\n\nsecond question\n"))
-    rs = ask_json(capsys, out, "-")
+    rs = ask_json(capsys, out, "-", base=w / "base")
     assert [r["question"] for r in rs] == ["first question", "second question"]
 
 
@@ -128,7 +129,7 @@ def test_segments_compose_and_weights(w, capsys):
                                    atol=1e-5, rtol=1e-4)
     assert [s["weight"] for s in wab.meta["segments"]] == [1.0, 0.5] and wab.meta["bias_weight"] == 0.25
 
-    (res,) = ask_json(capsys, w / "ab.safetensors", "What happens?")
+    (res,) = ask_json(capsys, w / "ab.safetensors", "What happens?", base=w / "base")
     assert res["mode"] == "adapter" and res["visual_tokens"] == 0 and res["new_tokens"] > 0
 
 
@@ -174,32 +175,42 @@ def test_python_api_loads_once_and_equals_the_cli(w, capsys):
     composed = adapter.concat_adapters(halves)
     assert composed.meta["generated_rank"] == 2 * composed.meta["rank"]
     answers = [ask.answer(models, "What color is the square?", a, max_new_tokens=6) for a in (from_path, composed)]
-    (cli,) = ask_json(capsys, w / "api.safetensors", "What color is the square?")
+    (cli,) = ask_json(capsys, w / "api.safetensors", "What color is the square?", base=w / "base")
     assert answers[0]["answer"] == cli["answer"] and all(a["visual_tokens"] == 0 for a in answers)
 
 
-def test_peft_export_gives_the_same_logits(w):
+def test_peft_export_gives_the_same_logits_and_answers(w, capsys):
+    """compose.py --to-peft names the base folder it was given; transformers + PEFT load the export onto that base
+    and give our logits and ask.py's greedy answer, token for token."""
     from peft import PeftModel
     from transformers import SmolVLMForConditionalGeneration
 
     src = w / "seg.safetensors"
     if not src.exists():
         run_internalize(w, "--segments", "2", "-o", str(src))
-    compose.main([str(src), "--to-peft", str(w / "peft")])
+    compose.main([str(src), "--to-peft", str(w / "peft"), "--model", str(w / "base")])
     cfg = json.loads((w / "peft" / "adapter_config.json").read_text())
-    assert cfg["r"] == cfg["lora_alpha"] == 12
+    assert cfg["r"] == cfg["lora_alpha"] == 12 and cfg["base_model_name_or_path"] == str(w / "base")
     ad, vlm = adapter.load_adapter(src), M.load_model(w / "base")
-    ids, _ = data.Processor(w / "base").question_inputs("What happens after the square moves?")
+    proc = data.Processor(w / "base")
+    question = "What happens after the square moves?"
+    ids, _ = proc.question_inputs(question)
     ours = vlm(ids, lora=ad.lora(), lora_alpha=ad.alpha).logits
-    hf = SmolVLMForConditionalGeneration.from_pretrained(w / "base").eval()
+    hf = SmolVLMForConditionalGeneration.from_pretrained(cfg["base_model_name_or_path"]).eval()
     base = hf(input_ids=ids).logits
     peft = PeftModel.from_pretrained(hf, w / "peft").eval()
     n_lora = sum(1 for n, _ in peft.named_parameters() if "lora_A" in n)
     assert n_lora == 2  # one per decoder layer's down_proj, nothing else
     with torch.no_grad():
         theirs = peft(input_ids=ids).logits
+        gen = peft.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False,
+                            eos_token_id=proc.eou_id, pad_token_id=proc.pad_id)[0, ids.shape[1]:].tolist()
     assert not torch.allclose(theirs, base, atol=1e-3)
     torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=1e-5)
+    gen = gen[: gen.index(proc.eou_id)] if proc.eou_id in gen else gen
+    want = M.generate(vlm, ids, lora=ad.lora(), lora_alpha=ad.alpha, max_new_tokens=6, eos_token_id=proc.eou_id)[0]
+    (r,) = ask_json(capsys, src, question, base=w / "base")
+    assert gen == want and proc.decode(gen).strip() == r["answer"] and r["new_tokens"] == len(gen)
 
 
 # ------------------------------------------------------------------------------------------------ user errors
@@ -221,17 +232,24 @@ def bad(w):
     return w
 
 
-def assert_one_line_error(capsys, fn, argv, match: str, no_output: Path | None = None):
+def assert_one_line_error(capsys, fn, argv, match: str, no_output: Path | None = None, code: int = 1):
+    """Run a CLI's main as its `__main__` does (adapter.run_cli): exit status `code`, exactly one stderr line
+    `error: ...` containing `match`, no traceback; with `no_output`, nothing written there, not even a temp file."""
     capsys.readouterr()
     with pytest.raises(SystemExit) as e:
-        fn([str(a) for a in argv])
-    msg = e.value.code
-    assert isinstance(msg, str) and msg.startswith("error: ") and "\n" not in msg, msg
-    assert match in msg, msg
-    assert "Traceback" not in capsys.readouterr().err
+        adapter.run_cli(fn, [str(a) for a in argv])
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if not line.startswith(("note:", "hint:"))]
+    if isinstance(e.value.code, str):   # SystemExit("error: ...") prints when it reaches the interpreter
+        lines, status = lines + [e.value.code], 1
+    else:
+        status = e.value.code
+    assert status == code, (status, err)
+    assert len(lines) == 1 and lines[0].startswith("error: ") and match in lines[0], lines
+    assert "Traceback" not in err
     if no_output is not None:  # nothing written, not even a temp file
         assert not no_output.exists()
-        assert not list(no_output.parent.glob(f".{no_output.name}.tmp*"))
+        assert not list(no_output.parent.glob(".v2l-*.tmp"))
 
 
 def test_internalize_errors(bad, capsys, tmp_path):
@@ -239,7 +257,7 @@ def test_internalize_errors(bad, capsys, tmp_path):
     common = ["--model", w / "base", "--hypernet", w / "hyper", "-o", out]
     assert_one_line_error(capsys, internalize.main, [w / "missing.mp4", *common], "no such file", out)
     assert_one_line_error(capsys, internalize.main, [w / "notvideo.mp4", *common], "not a readable media file", out)
-    assert_one_line_error(capsys, internalize.main, [w / "clip.mp4", *common, "--start", "9"], "no frames", out)
+    assert_one_line_error(capsys, internalize.main, [w / "clip.mp4", *common, "--start", "9"], "past the clip's end", out)
     assert_one_line_error(capsys, internalize.main, [w / "clip.mp4", "--model", w / "base", "--hypernet",
                                                      w / "other_hyper", "-o", out], "was built for", out)
     assert_one_line_error(capsys, internalize.main, [w / "clip.mp4", "--model", w / "base", "--hypernet",
