@@ -267,7 +267,7 @@ def _no_constant(name):
 
 def _read(path: Path) -> tuple[dict, dict]:
     if not path.is_file():
-        raise AdapterError(f"{path}: no such adapter file")
+        raise AdapterError(f"{path}: " + ("not a regular file" if path.exists() else "no such adapter file"))
     try:
         with safe_open(str(path), framework="pt") as f:
             raw = (f.metadata() or {}).get(META_KEY)
@@ -487,6 +487,8 @@ def is_ours(path: Path) -> bool:
     """Whether an existing file is one this code writes (an adapter, a PEFT export's files): read the safetensors
     header only (8-byte length, then JSON), or the JSON config; never the tensors."""
     try:
+        if not stat.S_ISREG(os.stat(path).st_mode):   # a FIFO would block the read
+            return False
         with open(path, "rb") as f:
             if path.suffix == ".json":
                 return "peft_type" in json.loads(f.read(1 << 20))
@@ -531,9 +533,13 @@ def check_output(path, inputs=(), force: bool = False) -> Path:
         folder = folder.parent
     if not folder.is_dir():
         raise ValueError(f"{path}: {folder} is not a folder")
-    fd, probe = tempfile.mkstemp(prefix=".v2l-", suffix=".tmp", dir=folder)   # can we create a file there at all?
-    os.close(fd)
-    os.unlink(probe)
+    probe = None
+    try:   # can we create a file there at all? (read-only, full, no permission: said now, not after the work)
+        fd, probe = tempfile.mkstemp(prefix=".v2l-", suffix=".tmp", dir=folder)
+        os.close(fd)
+    finally:
+        if probe is not None:
+            os.unlink(probe)
     return path
 
 

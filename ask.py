@@ -88,7 +88,7 @@ def source(adapter: Adapter | None, video) -> dict:
             out["segments"] = [{"video": s["video"], "start": s["start"], "end": s["end"]} for s in m["segments"]]
         return out
     if isinstance(video, data.Clip):
-        return {"adapter": None, "video": getattr(video, "name", None), "start": 0.0, "end": round(video.span, 6)}
+        return {"adapter": None, "video": video.source, "start": 0.0, "end": round(video.span, 6)}
     return {"adapter": None, "video": Path(video).name if video is not None else None, "start": None, "end": None}
 
 
@@ -97,11 +97,18 @@ def split_inputs(args) -> tuple[list[Path], list[str]]:
     """Leading positionals that are *.safetensors files or folders are adapters; the rest are questions. With
     --video / --no-adapter no adapter is needed (one given still names the base model to compare on)."""
     pos, adapters = list(args.inputs), []
-    while pos and (pos[0].endswith(".safetensors") or Path(pos[0]).is_dir()):
+    while pos and (pos[0].endswith(".safetensors") or _is_dir(pos[0])):
         adapters.append(Path(pos.pop(0)))
     if not adapters and args.video is None and not args.no_adapter:
         raise ValueError("give an adapter file (or --video CLIP / --no-adapter)")
     return adapters, pos
+
+
+def _is_dir(text: str) -> bool:
+    try:
+        return Path(text).is_dir()
+    except (OSError, ValueError):   # a long question is no path (ENAMETOOLONG), nor one with a NUL
+        return False
 
 
 def adapter_files(paths: list[Path]) -> list[Path]:
@@ -203,9 +210,8 @@ class Session:
         self.clip = None
         if args.video:  # decoded once: every question reuses the frames, as a chat with the video would
             self.clip = self.base.proc.load_video(args.video)
-            self.clip.name = Path(args.video).name
             if self.base.meta["base_size"] == "tiny" and not looks_like_toy_world(torch.stack(self.clip.frames)):
-                note(f"note: {self.clip.name} does not look like the toy world; the shipped tiny base only knows "
+                note(f"note: {self.clip.source} does not look like the toy world; the shipped tiny base only knows "
                      "coloured shapes on black, so expect answers about shapes")
         self.use = self.adapters if self.adapters and not (args.video or args.no_adapter) else [None]
         what = self.use[0].describe() if len(self.use) == 1 and self.use[0] else \

@@ -34,6 +34,7 @@ class Clip:
     total_frames: int       # frames in the clip (= the container's nb_frames when it stores one)
     fps: float              # the stream's average frame rate, as transformers' PyAV reader takes it (Timeline.fps)
     span: float | None = None   # real seconds the clip covers, from its timestamps (None: total_frames / fps)
+    source: str | None = None   # the file's name ("<array>" for frames given in memory): what an answer is about
     duration: float = field(init=False)
 
     def __post_init__(self):
@@ -116,7 +117,7 @@ def _scan(container, stream, path) -> Timeline:
 def _open(path):
     path = Path(path)
     if not path.is_file():
-        raise DecodeError(f"{path}: no such file")
+        raise DecodeError(f"{path}: " + ("not a regular file" if path.exists() else "no such file"))
     try:
         container = av.open(str(path))
     except (av.FFmpegError, OSError, UnicodeDecodeError) as e:
@@ -186,7 +187,7 @@ def decode_video(path, num_frames: int | None = None, max_frames: int = 64, samp
     seconds = tl.seconds()
     last = tl.span if hi == len(tl.pts) else seconds[hi]         # where the clip's last frame ends
     return Clip(frames, idx, [(tl.pts[lo + i] - tl.pts[lo]) * tl.tb for i in idx], total, tl.fps,
-                span=last - seconds[lo])
+                span=last - seconds[lo], source=Path(path).name)
 
 
 # ------------------------------------------------------------------------------------------------------ sampling
@@ -439,7 +440,7 @@ class Processor:
                               f"(the frames cover {len(frames) / fps:.2f} s)")
         idx = smolvlm_indices(hi - lo, fps, self.max_frames, self.sample_fps)
         pixels = [frame_pixels(np.ascontiguousarray(frames[lo + i]), self.video_size, self.side) for i in idx]
-        return Clip(pixels, idx, [i / fps for i in idx], hi - lo, fps, span=(hi - lo) / fps)
+        return Clip(pixels, idx, [i / fps for i in idx], hi - lo, fps, span=(hi - lo) / fps, source="<array>")
 
     def _video_inputs(self, video, text: str, add_generation_prompt: bool):
         clip = video if isinstance(video, Clip) else self.load_video(video)

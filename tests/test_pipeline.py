@@ -301,3 +301,110 @@ def test_cli_error_is_one_line_on_stderr(tmp_path):
     assert p.returncode == 1 and p.stdout == ""
     assert p.stderr.splitlines() == [f"error: {tmp_path / 'nope.mp4'}: no such file"]
     assert not out.exists()
+
+
+# ------------------------------------------------------------------------------------------------ issue 30: first hour
+def _doc_blocks(name: str) -> list[tuple[str, str]]:
+    import re
+    return re.findall(r"```(\w*)\n(.*?)\n```", (REPO / "docs" / name).read_text(), re.S)
+
+
+def test_api_doc_runs_and_prints_what_it_says(tmp_path, monkeypatch, capsys):
+    """docs/api.md: load once, internalize a path and a frames array, compose, save and reload, ask many questions
+    of many adapters and with the video in context; its printed output is the one pasted in the doc."""
+    blocks = _doc_blocks("api.md")
+    code, expected = blocks[0][1], blocks[1][1]
+    assert blocks[0][0] == "python"
+    (tmp_path / "examples").symlink_to(REPO / "examples")
+    monkeypatch.chdir(tmp_path)
+    capsys.readouterr()
+    exec(compile(code, "docs/api.md", "exec"), {"__name__": "api_doc"})
+    assert capsys.readouterr().out.strip().splitlines() == expected.splitlines()
+
+
+def test_peft_doc_runs_and_answers_as_ask(tmp_path, monkeypatch, capsys):
+    """docs/peft.md on the shipped toy base: its export command, then its transformers + PEFT snippet, from the
+    repository's layout; the answer equals ask.py's, and the export names checkpoints/tiny/base."""
+    import shlex
+    (bash, commands), (py, code) = _doc_blocks("peft.md")[:2]
+    assert (bash, py) == ("bash", "python")
+    for name in ("examples", "checkpoints"):
+        (tmp_path / name).symlink_to(REPO / name)
+    monkeypatch.chdir(tmp_path)
+    scripts = {"internalize.py": internalize.main, "compose.py": compose.main}
+    for cmd in commands.split("&&"):
+        argv = shlex.split(cmd)
+        assert argv[0] == "python"
+        scripts[argv[1]](argv[2:])
+    assert json.loads(Path("adapter-peft/adapter_config.json").read_text())["base_model_name_or_path"] == \
+        "checkpoints/tiny/base"
+    capsys.readouterr()
+    exec(compile(code, "docs/peft.md", "exec"), {"__name__": "peft_doc"})
+    theirs = capsys.readouterr().out.strip()
+    (r,) = ask_json(capsys, "adapter.safetensors", "What color is the square?")
+    assert theirs == r["answer"] == "red"
+
+
+def test_several_adapters_and_folders_in_one_call(w, capsys, tmp_path):
+    """One base load for many adapters; each --json row names the adapter file and the video span it answers
+    about, and equals asking that adapter alone; a folder is read as its adapters; mixed bases are refused."""
+    for name, extra in (("p1", ["--end", "2"]), ("p2", ["--start", "2"])):
+        if not (w / f"{name}.safetensors").exists():
+            run_internalize(w, *extra, "-o", str(w / f"{name}.safetensors"))
+    a, p1, p2 = (w / f"{n}.safetensors" for n in ("a", "p1", "p2"))
+    if not a.exists():
+        run_internalize(w, "-o", str(a))
+    rows = ask_json(capsys, a, p1, p2, "What color is the square?", "Where does it move?", base=w / "base")
+    assert [(r["adapter"], r["question"]) for r in rows] == [(str(x), q) for q in ("What color is the square?",
+                                                                                    "Where does it move?")
+                                                             for x in (a, p1, p2)]
+    assert [(r["video"], r["start"], r["end"]) for r in rows[:3]] == [("clip.mp4", 0, pytest.approx(4.0)),
+                                                                      ("clip.mp4", 0, 2), ("clip.mp4", 2, 4)]
+    (alone,) = ask_json(capsys, p2, "What color is the square?", base=w / "base")
+    assert alone == {**rows[2], "ttft_s": alone["ttft_s"], "tokens_per_s": alone["tokens_per_s"],
+                     "total_s": alone["total_s"]}
+    folder = tmp_path / "adapters"
+    folder.mkdir()
+    for x in (p1, p2):
+        shutil.copy(x, folder / x.name)
+    shutil.copy(w / "hyper" / "hypernet.safetensors", folder)   # not an adapter: skipped, with a note
+    rows = ask_json(capsys, folder, "What color is the square?", base=w / "base")
+    assert [Path(r["adapter"]).name for r in rows] == ["p1.safetensors", "p2.safetensors"]
+    capsys.readouterr()
+    ask.main([str(p1), str(p2), "What color is the square?", "--model", str(w / "base"), "--max-new-tokens", "4"])
+    out = capsys.readouterr()
+    assert out.out.splitlines()[0] == "Q: What color is the square?" and out.out.splitlines()[1].startswith(f"[{p1}] ")
+    other = w / "bad_other.safetensors"
+    if not other.exists():
+        internalize.main([str(w / "clip.mp4"), "--model", str(w / "other"), "--hypernet", str(w / "other_hyper"),
+                          "-o", str(other)])
+    assert_one_line_error(capsys, ask.main, [a, other, "q", "--model", w / "base"], "different base models")
+
+
+def test_hints_about_segments_and_the_toy_world(tmp_path, capsys):
+    """On the shipped toy base: a 40 s clip read as 12 frames gets one hint naming --segments, and a clip that is
+    not from the toy world (sky and skin tones) one note that the base only knows coloured shapes; the quick
+    start's toy clip gets neither."""
+    import av
+    import numpy as np
+    path = tmp_path / "walk.mp4"
+    with av.open(str(path), "w") as c:
+        s = c.add_stream("libx264", rate=2)
+        s.width = s.height = 64
+        s.pix_fmt = "yuv420p"
+        for i in range(80):
+            a = np.full((64, 64, 3), (135, 180, 235), np.uint8)
+            a[32:, :] = (200, 150, 120)
+            a[:, i % 64] = 90
+            for p in s.encode(av.VideoFrame.from_ndarray(a, format="rgb24")):
+                c.mux(p)
+        for p in s.encode():
+            c.mux(p)
+    capsys.readouterr()
+    internalize.main([str(path), "-o", str(tmp_path / "walk.safetensors")])
+    err = [x for x in capsys.readouterr().err.splitlines() if x.startswith(("note:", "hint:"))]
+    assert len(err) == 2 and "only knows coloured shapes" in err[0], err
+    assert err[1] == "hint: walk.mp4 was read as one frame per 3 s; --segments 4 (or --segment-seconds 12) reads " \
+                     "it at 1 frame/s", err
+    internalize.main([str(REPO / "examples" / "clip.mp4"), "-o", str(tmp_path / "clip.safetensors")])
+    assert not [x for x in capsys.readouterr().err.splitlines() if x.startswith(("note:", "hint:"))]
