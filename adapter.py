@@ -327,7 +327,8 @@ def check_base(adapter: Adapter, vlm, path="adapter") -> None:
                            f"{meta['base_config_sha256'][:12]}), not this one ({facts['base_config_sha256'][:12]})")
     if meta["base_weights_sha256"] != facts["base_weights_sha256"]:
         raise AdapterError(f"{path} was made for base model {meta['base_model']}: same architecture, different "
-                           f"weights (sha256 {meta['base_weights_sha256'][:12]}, this one {facts['base_weights_sha256'][:12]})")
+                           f"weights (sha256 {meta['base_weights_sha256'][:12]}, this one "
+                           f"{facts['base_weights_sha256'][:12]})")
     shapes = lora_target_shapes(text)
     if meta["num_layers"] != text.num_hidden_layers or any(tuple(shapes[t]) != (i, o) for t, i, o in meta["targets"]):
         raise AdapterError(f"{path}: target shapes {meta['targets']} do not fit this base model")
@@ -376,7 +377,7 @@ def export_peft(adapter: Adapter, out_dir, model_dir=None) -> Path:
     return out_dir
 
 
-# ------------------------------------------------------------------------------------------------ what the scripts share
+# ------------------------------------------------------------------------------------------- what the scripts share
 # Every command here (internalize.py, ask.py, compose.py, the toy world's scripts) ends the same way: success, or
 # ONE line `error: ...` on stderr and a non-zero status; never a traceback for something a user did, never a
 # half-written or clobbered file. `run_cli` is the boundary that guarantees it; `check_output` and `write_atomic`
@@ -411,11 +412,16 @@ def _on_signal(signum, frame):
     raise KeyboardInterrupt if signum == signal.SIGINT else Terminated(signum)
 
 
-def os_error_line(e: OSError) -> str:
-    """`path: reason (what to do)` for a failed file operation."""
-    where = f"{e.filename}: " if e.filename else ""
-    hint = _ERRNO_HINTS.get(e.errno)
-    return f"{where}{e.strerror or e}" + (f" ({hint})" if hint else "")
+def error_line(e: BaseException) -> str:
+    """The one line a user sees: `path: reason (what to do)` for a failed file operation, else the message's first
+    line."""
+    if isinstance(e, OSError) and e.strerror:
+        hint = _ERRNO_HINTS.get(e.errno)
+        return (f"{e.filename}: " if e.filename else "") + e.strerror + (f" ({hint})" if hint else "")
+    first = (str(e).splitlines() or [""])[0]
+    if isinstance(e, (MemoryError, torch.OutOfMemoryError)):
+        return f"out of memory ({first or 'host RAM'}); try fewer --frames, a smaller --video-size or fewer segments"
+    return first or type(e).__name__
 
 
 def run_cli(main, argv=None):
@@ -426,36 +432,33 @@ def run_cli(main, argv=None):
       A signal already ignored when we start (nohup's SIGHUP) stays ignored.
     - a closed stdout (`ask.py ... | head -1`): silent exit 141, as for SIGPIPE;
     - a failed file operation (OSError: full disk, read-only folder, name too long, ...), running out of memory, or
-      a ValueError (this code's one-line error for a user's input): `error: <first line>`, exit 1;
+      a ValueError (this code's one-line error for a user's input): `error: <one line>`, exit 1;
     - SystemExit from `main` (argparse, `SystemExit("error: ...")`) passes through.
-    Anything else is a bug and keeps its traceback. V2L_TRACEBACK=1 shows the traceback of every error."""
-    for s in _SIGNALS:
-        if signal.getsignal(s) is not signal.SIG_IGN:
+    Anything else is a bug and keeps its traceback; V2L_TRACEBACK=1 shows the traceback of every error. The signal
+    handlers it installs are put back before it exits (it can run in-process, as the tests do)."""
+    handlers = {s: signal.getsignal(s) for s in _SIGNALS}
+    for s, h in handlers.items():
+        if h is not signal.SIG_IGN:
             signal.signal(s, _on_signal)
+    line, code = None, 0
     try:
         main(argv)
         sys.stdout.flush()
-        return sys.exit(0)
     except (KeyboardInterrupt, Terminated) as e:
         signum = getattr(e, "signum", signal.SIGINT)
         line, code = f"interrupted ({signal.Signals(signum).name})", 128 + signum
     except BrokenPipeError:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())   # no second error when Python flushes
-        return sys.exit(128 + signal.SIGPIPE)
-    except OSError as e:
+        code = 128 + signal.SIGPIPE
+    except (OSError, MemoryError, torch.OutOfMemoryError, ValueError) as e:
         if os.environ.get("V2L_TRACEBACK"):
             raise
-        line, code = os_error_line(e), 1
-    except (MemoryError, torch.OutOfMemoryError) as e:
-        if os.environ.get("V2L_TRACEBACK"):
-            raise
-        line, code = f"out of memory ({str(e).splitlines()[0] if str(e) else 'host RAM'}); try fewer --frames, a " \
-                     "smaller --video-size or fewer segments", 1
-    except ValueError as e:
-        if os.environ.get("V2L_TRACEBACK"):
-            raise
-        line, code = (str(e).splitlines() or [type(e).__name__])[0], 1
-    print(f"error: {line}", file=sys.stderr, flush=True)
+        line, code = error_line(e), 1
+    finally:
+        for s, h in handlers.items():
+            signal.signal(s, h if h is not None else signal.SIG_DFL)
+    if line:
+        print(f"error: {line}", file=sys.stderr, flush=True)
     sys.exit(code)
 
 
@@ -575,6 +578,10 @@ def write_atomic(path, write) -> Path:
             write(Path(tmp))
         os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, target)
+    except OSError as e:   # name the file the user asked for, not our temp file
+        if e.filename in (None, tmp):
+            raise OSError(e.errno, e.strerror, str(path)) from None
+        raise
     finally:
         if tmp is not None:
             Path(tmp).unlink(missing_ok=True)

@@ -175,6 +175,8 @@ def _most_segments(tl: data.Timeline, start: float, end: float, limit: int) -> i
 def _parts(tl: data.Timeline, start: float, end: float, segments, seconds) -> list[tuple[float, float]]:
     """The segments, each holding at least one frame, or a ValueError that names how many fit."""
     lo, hi = tl.frame_range(start, end)
+    if hi <= lo:
+        raise ValueError(f"no frame starts in [{start:g}, {end:g}) s; widen the span (--start, --end)")
     n = segments or (max(1, math.ceil((end - start) / seconds - 1e-6)) if seconds else 1)
     # Counted before the list is made: a tiny --segment-seconds on a long video would ask for millions.
     parts = data.plan_segments(start, end, segments, seconds) if n <= hi - lo else None

@@ -146,6 +146,15 @@ def test_written_files_get_the_umask_permissions(w, tmp_path, umask):
     assert not list(tmp_path.rglob(".v2l-*"))
 
 
+def test_temp_files_are_short_and_ignored_by_git(tmp_path):
+    import fnmatch
+    seen = []
+    adapter.write_atomic(tmp_path / ("n" * 250), lambda tmp: seen.append(tmp.name) or tmp.write_bytes(b"x"))
+    patterns = [x for x in (REPO / ".gitignore").read_text().splitlines() if x and not x.startswith("#")]
+    assert len(seen[0]) <= 20 and any(fnmatch.fnmatch(seen[0], p) for p in patterns)
+    assert (tmp_path / ("n" * 250)).read_bytes() == b"x" and len(list(tmp_path.iterdir())) == 1
+
+
 def test_a_failed_write_leaves_nothing_and_keeps_the_old_file(w, capsys, tmp_path, monkeypatch):
     out = tmp_path / "x.safetensors"
     shutil.copy(w / "a.safetensors", out)
@@ -285,7 +294,8 @@ def test_ranges_are_clamped_with_a_note_or_refused(w, capsys):
                           (dict(start=2.0, end=1.0), "is not after --start"),
                           (dict(segments=100), "--segments 100 leaves some segments without a frame"),
                           (dict(segment_seconds=1e-9), "at most 32 segments here"),
-                          (dict(start=3.9, segments=2), "at most 1 segments here")]:
+                          (dict(start=3.8, segments=2), "at most 1 segments here"),
+                          (dict(start=3.9), r"no frame starts in \[3.9, 4\) s")]:
         with pytest.raises(ValueError, match=match):
             internalize.plan(clip, **kwargs)
     t0 = time.time()   # a billion planned segments are refused from the count, not by building them
