@@ -540,6 +540,8 @@ def check_output(path, inputs=(), force: bool = False) -> Path:
     try:   # can we create a file there at all? (read-only, full, no permission: said now, not after the work)
         fd, probe = tempfile.mkstemp(prefix=".v2l-", suffix=".tmp", dir=folder)
         os.close(fd)
+    except OSError as e:
+        raise OSError(e.errno, f"cannot create a file in {folder}: {e.strerror}", str(path)) from None
     finally:
         if probe is not None:
             os.unlink(probe)

@@ -264,8 +264,10 @@ def parse_args(argv):
         p.error("--video and --no-adapter are two different modes; pick one")
     if args.max_new_tokens < 1:
         p.error("--max-new-tokens must be >= 1")
-    if args.temperature < 0 or not 0 < args.top_p <= 1:
-        p.error("--temperature must be >= 0 and --top-p in (0, 1]")
+    if args.temperature < 0:
+        p.error("--temperature must be >= 0 (0 = greedy)")
+    if not 0 < args.top_p <= 1:
+        p.error("--top-p must be in (0, 1]")
     if args.frames is not None and args.frames < 1:
         p.error("--frames must be >= 1")
     if args.video_size is not None and not 1 <= args.video_size <= data.MAX_VIDEO_SIZE:
