@@ -28,7 +28,7 @@ import torch
 
 import data
 import model as M
-from adapter import Adapter, AdapterError, ArgumentParser, check_base, finite, is_ours, load_adapter, run_cli
+from adapter import Adapter, ArgumentParser, check_base, finite, is_ours, load_adapter, run_cli
 from internalize import Base, load_base, looks_like_toy_world, note
 
 MAX_LINE = 1 << 20   # bytes: a longer stdin "question" is not one (every released context is far shorter)

@@ -29,7 +29,7 @@ import compose
 import data
 import internalize
 import model as M
-from conftest import write_clip, write_random_base, write_random_hypernet
+from conftest import write_random_base, write_random_hypernet
 from toy import world
 
 REPO = Path(__file__).resolve().parent.parent

@@ -5,7 +5,6 @@ clips, prompts and answers). Training the toy base model and scoring fidelity li
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import string
