@@ -3,6 +3,7 @@
     python compose.py a.safetensors b.safetensors -o ab.safetensors
     python compose.py a.safetensors b.safetensors --weights 1,0.5 --bias-weight 1 -o ab.safetensors
     python compose.py ab.safetensors --to-peft ab-peft/        # adapter_config.json + adapter_model.safetensors
+    python compose.py ab.safetensors --to-peft ab-peft/ --model my-base/   # an adapter of a local base model
 
 Spec: ../shared/design/method.md §7 (the authors' combine_lora). Stacking along the rank axis,
 A = [w_1 A_1; ...; w_n A_n; b A_bias] and B = [B_1; ...; B_n; B_bias], gives
@@ -11,13 +12,18 @@ Only adapters of the same base model and hypernetwork compose (the static part m
 zero-shot: training only ever saw one chunk.
 
 The PEFT export loads onto transformers' SmolVLMForConditionalGeneration with `PeftModel.from_pretrained`
-(the scale convention is explained in adapter.export_peft).
+(the scale convention is explained in adapter.export_peft; docs/peft.md shows it in use, and vLLM serving). Its
+`base_model_name_or_path` is the HF id of a released size, checkpoints/tiny/base for the shipped toy base, or the
+folder given with --model (checked to hold the adapter's base model).
 """
 from __future__ import annotations
 
 import argparse
+import math
+from pathlib import Path
 
-from adapter import AdapterError, concat_adapters, export_peft, load_adapter, save_adapter
+from adapter import (AdapterError, ArgumentParser, check_output, concat_adapters, export_peft, finite, folder_facts,
+                     load_adapter, peft_base, run_cli, save_adapter)
 
 
 def parse_weights(text: str | None, n: int) -> list[float] | None:
@@ -29,16 +35,22 @@ def parse_weights(text: str | None, n: int) -> list[float] | None:
         raise SystemExit(f"error: --weights wants comma-separated numbers, got {text!r}") from None
     if len(weights) != n:
         raise SystemExit(f"error: --weights has {len(weights)} values for {n} adapters")
+    if not all(map(math.isfinite, weights)):
+        raise SystemExit(f"error: --weights must be finite numbers, got {text!r}")
     return weights
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("adapters", nargs="+", help="adapter files made by internalize.py (or compose.py)")
     p.add_argument("-o", "--out", default=None, help="composed adapter file")
+    p.add_argument("--force", action="store_true", help="overwrite existing files that are not adapters")
     p.add_argument("--weights", default=None, help="one multiplier per adapter, e.g. 1,0.5 (default all 1)")
-    p.add_argument("--bias-weight", type=float, default=1.0, help="multiplier of the static (video-independent) part")
+    p.add_argument("--bias-weight", type=finite, default=1.0,
+                   help="multiplier of the static (video-independent) part")
     p.add_argument("--to-peft", default=None, metavar="DIR", help="also write the result as a PEFT LoRA folder")
+    p.add_argument("--model", default=None, metavar="BASE_DIR",
+                   help="with --to-peft: the base model's folder, written as PEFT's base_model_name_or_path")
     args = p.parse_args(argv)
     if args.out is None and args.to_peft is None:
         p.error("nothing to write: give -o FILE and/or --to-peft DIR")
@@ -48,22 +60,34 @@ def parse_args(argv):
 def main(argv=None):
     args = parse_args(argv)
     weights = parse_weights(args.weights, len(args.adapters))
-    try:
-        adapters = [load_adapter(p) for p in args.adapters]
-        out = adapters[0]
-        if len(adapters) > 1 or weights or args.bias_weight != 1.0:
-            out = concat_adapters(adapters, weights, args.bias_weight, meta={"created_by": "compose.py"})
-    except AdapterError as e:
-        raise SystemExit(f"error: {e}") from None
+    peft_files = []
+    if args.to_peft:   # before any work: a folder (or a name for one), never a file, no input overwritten
+        folder = Path(args.to_peft)
+        if folder.exists() and not folder.is_dir():
+            raise SystemExit(f"error: --to-peft {folder} is a file; give a folder")
+        peft_files = [folder / "adapter_model.safetensors", folder / "adapter_config.json"]
+    for out in ([args.out] if args.out else []) + peft_files:
+        check_output(out, args.adapters, args.force)
+    adapters = [load_adapter(p) for p in args.adapters]
+    out = adapters[0]
+    if len(adapters) > 1 or weights or args.bias_weight != 1.0:
+        out = concat_adapters(adapters, weights, args.bias_weight, meta={"created_by": "compose.py"})
     m = out.meta
+    if args.to_peft:
+        peft_base(m, args.model)   # a local base's adapter needs its folder named: say so before writing anything
+    if args.to_peft and args.model:   # the folder PEFT will name must hold the model the adapter was made on
+        facts = folder_facts(args.model)
+        if any(facts[k] != m[k] for k in facts):
+            raise AdapterError(f"--model {args.model} is not the base model the adapter was made on "
+                               f"({m['base_model']})")
     if args.out:
         path = save_adapter(args.out, out, out.ab[next(iter(out.ab))][0].dtype)
         print(f"wrote {path} ({path.stat().st_size / 1e6:.2f} MB): {len(m['segments'])} segment(s), "
               f"rank {m['generated_rank']} generated + {m['rank']} static")
     if args.to_peft:
-        folder = export_peft(out, args.to_peft)
+        folder = export_peft(out, args.to_peft, args.model)
         print(f"wrote PEFT LoRA {folder} (r = {m['generated_rank'] + m['rank']}, alpha folded into lora_B)")
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

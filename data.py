@@ -18,6 +18,7 @@ import torch
 from tokenizers import Tokenizer
 
 INSTRUCTION = "Internalize this video for later captioning."  # method.md §2: the fixed internalization instruction
+MAX_VIDEO_SIZE = 4096   # px, the longest frame edge before the encoder's square: past it only memory grows
 
 
 class DecodeError(RuntimeError):
@@ -31,17 +32,48 @@ class Clip:
     indices: list[int]      # frame numbers within the clip, presentation order (what the sampler chose)
     pts: list[float]        # true presentation times in seconds from the clip's first frame (VFR-safe)
     total_frames: int       # frames in the clip (= the container's nb_frames when it stores one)
-    fps: float              # the stream's average frame rate, as transformers' PyAV reader takes it
+    fps: float              # the stream's average frame rate, as transformers' PyAV reader takes it (Timeline.fps)
+    span: float | None = None   # real seconds the clip covers, from its timestamps (None: total_frames / fps)
+    source: str | None = None   # the file's name ("<array>" for frames given in memory): what an answer is about
     duration: float = field(init=False)
 
     def __post_init__(self):
         self.duration = self.total_frames / self.fps   # SmolVLM2's definition (§5.5), not the container's
+        if self.span is None:
+            self.span = self.duration
 
     @property
     def timestamps(self) -> list[float]:
         # What SmolVLM2 prints in "Frame from MM:SS:": frame index / average fps, as in training. On a
         # variable-frame-rate clip this drifts from `pts`; we keep the reference's number for prompt parity.
         return [k / self.fps for k in self.indices]
+
+
+@dataclass
+class Timeline:
+    """Where every frame of a video stream lies, from its packets alone (scan_video)."""
+    pts: list[int]          # presentation time of each frame, stream ticks, ascending
+    keys: list[int]         # those of the keyframes
+    tb: float               # seconds per tick
+    fps: float              # the average frame rate the sampler and the prompt use (see scan_video)
+    span: float             # real seconds from the first frame's start to the last frame's end
+
+    def seconds(self) -> list[float]:
+        """Each frame's start, seconds from the first frame."""
+        return [(p - self.pts[0]) * self.tb for p in self.pts]
+
+    @classmethod
+    def of_frames(cls, n: int, fps: float) -> "Timeline":
+        """Frames in memory, frame i shown at i / fps: one tick per frame."""
+        return cls(list(range(n)), list(range(n)), 1 / fps, fps, n / fps)
+
+    def frame_range(self, start: float | None, end: float | None) -> tuple[int, int]:
+        """Frames [lo, hi) that start in [start, end) seconds. Ticks are integers: the 1e-6 only absorbs float
+        noise in seconds -> ticks (2.0 s * 8 fps must be frame 16, not 17)."""
+        t0 = self.pts[0]
+        lo = 0 if start is None else bisect.bisect_left(self.pts, t0 + start / self.tb - 1e-6)
+        hi = len(self.pts) if end is None else bisect.bisect_left(self.pts, t0 + end / self.tb - 1e-6)
+        return lo, hi
 
 
 def _upright(frame: av.VideoFrame, stream) -> np.ndarray:
@@ -53,10 +85,15 @@ def _upright(frame: av.VideoFrame, stream) -> np.ndarray:
     return np.ascontiguousarray(np.rot90(rgb, k)) if k else rgb   # np.rot90 turns counter-clockwise
 
 
-def _scan(container, stream) -> tuple[list[int], list[int]]:
+def _scan(container, stream, path) -> Timeline:
     """Presentation times (stream ticks) of every frame and of every keyframe, from the packets alone: demuxing
     reads the file but decodes nothing, so it is cheap, and it gives an exact frame count and index -> time map
-    even for variable frame rate or containers without a frame count (Matroska/WebM report 0)."""
+    even for variable frame rate or containers without a frame count (Matroska/WebM report 0).
+
+    The frame rate: the stream's average rate, as transformers' reader takes it, wherever that reader works (the
+    container stores a frame count: MP4, MOV) or the rate agrees with the timestamps within 10 %. Otherwise (a
+    Matroska/WebM file whose nominal rate is a header value the frames do not keep) frames / real span, so that the
+    sampler spreads its frames over the whole clip rather than over a fraction of it."""
     pts, keys = [], []
     for packet in container.demux(stream):
         t = packet.pts if packet.pts is not None else packet.dts
@@ -65,7 +102,39 @@ def _scan(container, stream) -> tuple[list[int], list[int]]:
         pts.append(t)
         if packet.is_keyframe:
             keys.append(t)
-    return sorted(pts), sorted(keys)
+    if not pts:
+        raise DecodeError(f"{path}: the video stream has no frames")
+    pts, keys, tb = sorted(pts), sorted(keys), float(stream.time_base)
+    nominal = float(stream.average_rate or stream.guessed_rate or 0)
+    steps = np.diff(pts)
+    step = float(np.median(steps)) * tb if len(pts) > 1 else (1 / nominal if nominal else 1.0)   # last frame's
+    span = (pts[-1] - pts[0]) * tb + step
+    real = len(pts) / span
+    honest = nominal > 0 and (stream.frames > 0 or abs(nominal / real - 1) <= 0.1)
+    return Timeline(pts, keys, tb, nominal if honest else real, span)
+
+
+def _open(path):
+    path = Path(path)
+    if not path.is_file():
+        raise DecodeError(f"{path}: " + ("not a regular file" if path.exists() else "no such file"))
+    try:
+        container = av.open(str(path))
+    except (av.FFmpegError, OSError, UnicodeDecodeError) as e:
+        raise DecodeError(f"{path}: not a readable media file ({str(e).splitlines()[0] if str(e) else e})") from None
+    if not container.streams.video:
+        container.close()
+        raise DecodeError(f"{path}: no video stream")
+    return container
+
+
+def scan_video(path) -> Timeline:
+    """The frame timeline of a video file (demuxing only; decodes nothing). Raises DecodeError."""
+    with _open(path) as container:
+        try:
+            return _scan(container, container.streams.video[0], path)
+        except av.FFmpegError as e:
+            raise DecodeError(f"{path}: reading failed ({e})") from None
 
 
 def _fetch(container, stream, targets: list[int], keys: list[int], frame_fn) -> list:
@@ -95,37 +164,30 @@ def _fetch(container, stream, targets: list[int], keys: list[int], frame_fn) -> 
 
 
 def decode_video(path, num_frames: int | None = None, max_frames: int = 64, sample_fps: float = 1.0,
-                 start: float | None = None, end: float | None = None, frame_fn=None) -> Clip:
+                 start: float | None = None, end: float | None = None, frame_fn=None,
+                 timeline: Timeline | None = None) -> Clip:
     """Decode the sampled frames of `path`, or of its [start, end) second range, which then behaves exactly like
     a clip cut out of the video (indices and timestamps restart at 0), as the authors' ffmpeg-cut clips did.
-    Sampling is SmolVLM2's rule (`max_frames`, `sample_fps`) unless `num_frames` asks for N uniform frames."""
-    path = Path(path)
-    if not path.is_file():
-        raise DecodeError(f"{path}: no such file")
-    try:
-        container = av.open(str(path))
-    except (av.FFmpegError, OSError, UnicodeDecodeError) as e:
-        raise DecodeError(f"{path}: not a readable media file ({e})") from None
-    with container:
-        if not container.streams.video:
-            raise DecodeError(f"{path}: no video stream")
+    Sampling is SmolVLM2's rule (`max_frames`, `sample_fps`) unless `num_frames` asks for N uniform frames.
+    `timeline`: the file's scan_video, when the caller has it (segments of one file scan it once)."""
+    with _open(path) as container:
         stream = container.streams.video[0]
         try:
-            pts, keys = _scan(container, stream)
-            if not pts:
-                raise DecodeError(f"{path}: the video stream has no frames")
-            tb, t0 = float(stream.time_base), pts[0]
-            lo = 0 if start is None else bisect.bisect_left(pts, t0 + start / tb)
-            hi = len(pts) if end is None else bisect.bisect_left(pts, t0 + end / tb)
+            tl = timeline or _scan(container, stream, path)
+            lo, hi = tl.frame_range(start, end)
             if hi <= lo:
-                raise DecodeError(f"{path}: no frames in [{start}, {end}) s")
-            fps = float(stream.average_rate or stream.guessed_rate or 0) or len(pts) / max((pts[-1] - t0) * tb, 1e-9)
+                raise DecodeError(f"{path}: no frames in [{start or 0:g}, {end if end is not None else tl.span:g}) s "
+                                  f"(the clip is {tl.span:.2f} s long)")
             total = hi - lo
-            idx = uniform_indices(total, num_frames) if num_frames else smolvlm_indices(total, fps, max_frames, sample_fps)
-            frames = _fetch(container, stream, [pts[lo + i] for i in idx], keys, frame_fn or (lambda a: a))
+            idx = uniform_indices(total, num_frames) if num_frames else smolvlm_indices(total, tl.fps, max_frames,
+                                                                                         sample_fps)
+            frames = _fetch(container, stream, [tl.pts[lo + i] for i in idx], tl.keys, frame_fn or (lambda a: a))
         except av.FFmpegError as e:
             raise DecodeError(f"{path}: decoding failed ({e})") from None
-    return Clip(frames, idx, [(pts[lo + i] - pts[lo]) * tb for i in idx], total, fps)
+    seconds = tl.seconds()
+    last = tl.span if hi == len(tl.pts) else seconds[hi]         # where the clip's last frame ends
+    return Clip(frames, idx, [(tl.pts[lo + i] - tl.pts[lo]) * tl.tb for i in idx], total, tl.fps,
+                span=last - seconds[lo], source=Path(path).name)
 
 
 # ------------------------------------------------------------------------------------------------------ sampling
@@ -307,6 +369,14 @@ class Processor:
         self.max_frames = max_frames or sampling.get("max_frames", 64)
         self.sample_fps = sample_fps or sampling.get("fps", 1)
         self.video_size = video_size or sampling.get("video_size", {}).get("longest_edge", self.side)
+        # Bounds that keep a typo from exhausting memory: frames are resized to `video_size` before the encoder's
+        # square, so a huge size only costs RAM; a frame count is bounded by the context (check_fits).
+        if not (isinstance(self.video_size, int) and 1 <= self.video_size <= MAX_VIDEO_SIZE):
+            raise ValueError(f"video size {self.video_size} is outside 1..{MAX_VIDEO_SIZE} px (frames end up "
+                             f"{self.side} px square; released models read 384)")
+        if not (isinstance(self.max_frames, int) and 1 <= self.max_frames):
+            raise ValueError(f"max frames must be an integer >= 1, got {self.max_frames}")
+        self.context = cfg.get("text_config", {}).get("max_position_embeddings", 2048)   # TextConfig's default
         self.tokenizer = load_tokenizer(model_dir)
         pad = _read_json(model_dir / "tokenizer_config.json").get("pad_token", "<|im_end|>")
         self.image_token_id, self.eou_id, self.pad_id = (self._id(t) for t in ("<image>", "<end_of_utterance>", pad))
@@ -320,14 +390,40 @@ class Processor:
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False).ids
 
+    def video_prompt_length(self, n_frames: int, text: str = INSTRUCTION, add_generation_prompt: bool = False) -> int:
+        """Tokens of a [video of n_frames, text] turn, counted without decoding anything (timestamps as for a 1-fps
+        clip; a real clip's differ by a token or two): the check before any heavy work."""
+        clip = Clip([None] * n_frames, list(range(n_frames)), [float(k) for k in range(n_frames)], n_frames, 1.0)
+        msg = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": text}]}]
+        return len(self.encode(render_chat(msg, add_generation_prompt, video_prompt(clip, self.image_seq_len))))
+
+    def check_frames(self, n_frames: int, text: str = INSTRUCTION, new_tokens: int = 0, flag: str = "--frames"):
+        """ValueError if a video of n_frames (with `text`, and `new_tokens` to generate) is past the context."""
+        if n_frames <= 10_000 and self.video_prompt_length(n_frames, text) + new_tokens <= self.context:
+            return
+        fits = lambda n: self.video_prompt_length(n, text) + new_tokens <= self.context   # noqa: E731
+        per = self.video_prompt_length(2, text) - self.video_prompt_length(1, text)
+        most = max(0, min(n_frames, (self.context - new_tokens - self.video_prompt_length(1, text)) // per + 1))
+        while most > 0 and not fits(most):
+            most -= 1
+        raise ValueError(f"{flag} {n_frames}: a prompt of that many frames ({per} tokens each) is past the base "
+                         f"model's context of {self.context} tokens; at most {most} frames fit"
+                         + (f" with {new_tokens} new tokens" if new_tokens else ""))
+
+    def check_length(self, n_tokens: int, new_tokens: int, what: str = "the question"):
+        """ValueError naming the limit if a prompt of n_tokens plus new_tokens to generate is past the context."""
+        if n_tokens + new_tokens > self.context:
+            raise ValueError(f"{what} is {n_tokens} tokens; with {new_tokens} new tokens that is past the base model's "
+                             f"context of {self.context} tokens (shorten it, or lower --max-new-tokens)")
+
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
         return self.tokenizer.decode(list(map(int, ids)), skip_special_tokens=skip_special_tokens)
 
-    def load_video(self, path, start=None, end=None, num_frames=None) -> Clip:
+    def load_video(self, path, start=None, end=None, num_frames=None, timeline: Timeline | None = None) -> Clip:
         """Decode and sample; each frame becomes (3, S, S) pixels as soon as it is decoded, so a 4K frame is held
         once, briefly. Raises DecodeError."""
         return decode_video(path, num_frames, self.max_frames, self.sample_fps, start, end,
-                            frame_fn=lambda rgb: frame_pixels(rgb, self.video_size, self.side))
+                            frame_fn=lambda rgb: frame_pixels(rgb, self.video_size, self.side), timeline=timeline)
 
     def clip_from_frames(self, frames: np.ndarray, fps: float, start=None, end=None) -> Clip:
         """Frames already in memory, (N, H, W, 3) uint8 RGB, upright, frame i shown at i / fps -> the Clip that
@@ -338,13 +434,13 @@ class Processor:
                               f"{tuple(frames.shape)}")
         if not (fps > 0 and math.isfinite(fps)):
             raise DecodeError(f"frames need a positive fps, got {fps}")
-        lo = 0 if start is None else max(0, math.ceil(start * fps - 1e-9))   # the first frame shown at or after
-        hi = len(frames) if end is None else min(len(frames), math.ceil(end * fps - 1e-9))
+        lo, hi = Timeline.of_frames(len(frames), fps).frame_range(start, end)
         if hi <= lo:
-            raise DecodeError(f"no frames in [{start}, {end}) s")
+            raise DecodeError(f"no frames in [{start or 0:g}, {end if end is not None else len(frames) / fps:g}) s "
+                              f"(the frames cover {len(frames) / fps:.2f} s)")
         idx = smolvlm_indices(hi - lo, fps, self.max_frames, self.sample_fps)
         pixels = [frame_pixels(np.ascontiguousarray(frames[lo + i]), self.video_size, self.side) for i in idx]
-        return Clip(pixels, idx, [i / fps for i in idx], hi - lo, fps)
+        return Clip(pixels, idx, [i / fps for i in idx], hi - lo, fps, span=(hi - lo) / fps, source="<array>")
 
     def _video_inputs(self, video, text: str, add_generation_prompt: bool):
         clip = video if isinstance(video, Clip) else self.load_video(video)

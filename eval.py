@@ -67,7 +67,7 @@ from tqdm import tqdm
 
 import data
 import model as M
-from adapter import AdapterError, load_adapter, save_adapter, write_atomic
+from adapter import AdapterError, load_adapter, run_cli, save_adapter, write_atomic
 from internalize import internalize, load_models
 
 CONDITIONS = {"video": "in context", "adapter": "adapter", "text": "text only"}
@@ -640,4 +640,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -12,8 +12,11 @@ Two things the method needs and transformers does not offer directly:
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import os
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable, NamedTuple
@@ -466,22 +469,58 @@ def _weight_files(path: Path) -> list[Path]:
     return [single]
 
 
-def load_model(path, dtype: torch.dtype = torch.float32, device="cpu") -> SmolVLM:
-    """Build on the meta device, then fill every parameter from the checkpoint with assign=True."""
+def _digest(name: str, t: torch.Tensor) -> tuple[str, str]:
+    h = hashlib.sha256(f"{name}:{str(t.dtype).replace('torch.', '')}:{list(t.shape)};".encode())
+    h.update(t.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy())   # raw bytes, any dtype
+    return name, h.hexdigest()
+
+
+def weights_sha256(named_tensors, digests: list | None = None) -> str:
+    """The base model's weights fingerprint (what adapters record): sha256 over every tensor's name, dtype, shape
+    and bytes, in name order, so ANY change of ANY weight tells two models apart. hashlib releases the GIL, so the
+    tensors are hashed on a few threads; `digests`, if given, are (name, hex) pairs already computed."""
+    digests = list(digests or [])
+    with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
+        digests += pool.map(lambda kv: _digest(*kv), named_tensors)
+    return hashlib.sha256("".join(f"{n}:{d}\n" for n, d in sorted(digests)).encode()).hexdigest()
+
+
+def read_config(path: Path) -> tuple[SmolVLMConfig, list[Path], dict]:
+    """(config, weight files, {tensor: shape}) of a model folder, reading headers only."""
     from safetensors import safe_open
 
-    path = Path(path)
     if not (path / "config.json").exists():
         raise FileNotFoundError(f"{path}: no config.json (expected a Hugging Face SmolVLM2 model folder)")
-    files = _weight_files(path)
-    shapes, owner = {}, {}
+    files, shapes = _weight_files(path), {}
     for f in files:
         with safe_open(f, framework="pt") as st:
-            for name in st.keys():
-                shapes[name], owner[name] = tuple(st.get_slice(name).get_shape()), f
+            shapes.update({name: tuple(st.get_slice(name).get_shape()) for name in st.keys()})
     # The checkpoint, not the flag, decides: an lm_head tensor means an untied head (the released models).
     config = replace(SmolVLMConfig.from_hf_dict(json.loads((path / "config.json").read_text())),
                      tie_word_embeddings="lm_head.weight" not in shapes)
+    return config, files, shapes
+
+
+def folder_weights_sha256(path) -> str:
+    """weights_sha256 of a model folder's tensors, read one at a time: no model is built."""
+    from safetensors import safe_open
+
+    _, files, _ = read_config(Path(path))
+    digests = []
+    for f in files:
+        with safe_open(f, framework="pt") as st:
+            digests += [_digest(name, st.get_tensor(name)) for name in st.keys()]
+    return weights_sha256([], digests)
+
+
+def load_model(path, dtype: torch.dtype = torch.float32, device="cpu") -> SmolVLM:
+    """Build on the meta device, then fill every parameter from the checkpoint with assign=True. The model's
+    `weights_sha256` is the fingerprint of the tensors as stored (weights_sha256), hashed while they load: the same
+    whatever dtype or device they are loaded to."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    config, files, shapes = read_config(path)
     with torch.device("meta"):
         model = SmolVLM(config)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
@@ -492,20 +531,46 @@ def load_model(path, dtype: torch.dtype = torch.float32, device="cpu") -> SmolVL
     for name, shape in shapes.items():
         if shape != expected[name]:
             raise ValueError(f"tensor {name} has shape {list(shape)} but config.json implies {list(expected[name])}")
-    state = {}
-    for f in files:
-        with safe_open(f, framework="pt") as st:
-            for name in st.keys():
-                state[name] = st.get_tensor(name).to(device=device, dtype=dtype)
+    state, workers = {}, min(4, os.cpu_count() or 1)
+    with ThreadPoolExecutor(max_workers=workers) as pool:   # hashing overlaps the loading; few tensors in flight
+        pending, done = set(), []
+        for f in files:
+            with safe_open(f, framework="pt") as st:
+                for name in st.keys():
+                    stored = st.get_tensor(name)
+                    pending.add(pool.submit(_digest, name, stored))
+                    state[name] = stored.to(device=device, dtype=dtype)
+                    if len(pending) > 2 * workers:
+                        finished, pending = wait(pending, return_when=FIRST_COMPLETED)
+                        done += [x.result() for x in finished]
+        done += [x.result() for x in pending]
     model.load_state_dict(state, strict=True, assign=True)
+    model.weights_sha256 = weights_sha256([], done)
     return model.eval().requires_grad_(False)
 
 
 def pick_device(name: str = "auto", local_rank: int = 0) -> torch.device:
-    """"auto" is CUDA when there is one, else the CPU; "cuda" means this process's GPU under torchrun."""
+    """"auto" is CUDA when there is one, else the CPU; "cuda" means this process's GPU under torchrun. A device
+    this machine does not have is a ValueError that says which it has."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(f"cuda:{local_rank}" if name == "cuda" else name)
+    try:
+        device = torch.device(f"cuda:{local_rank}" if name == "cuda" else name)
+    except RuntimeError:
+        raise ValueError(f"--device {name!r} is not a device name: use auto, cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            build = f"built with CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
+            raise ValueError(f"--device {name}: no CUDA device here (torch {torch.__version__}, {build}); "
+                             "use --device cpu")
+        if (device.index or 0) >= count:
+            raise ValueError(f"--device {name}: this machine has {count} CUDA device(s), cuda:0..cuda:{count - 1}")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"--device {name}: no MPS device here; use --device cpu")
+    elif device.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"--device {name}: unsupported device type; use auto, cpu, cuda, cuda:N or mps")
+    return device
 
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -533,14 +598,14 @@ def resolve_model_dir(size: str | None = None, model_dir=None) -> Path:
         return Path(snapshot_download(PRESETS[size], allow_patterns=patterns, local_files_only=True))
     except Exception:
         pass
-    if constants.HF_HUB_OFFLINE:
-        raise ValueError(f"{PRESETS[size]} is not in the Hugging Face cache and HF_HUB_OFFLINE is set; download it "
-                         f"once online, or pass --model DIR")
-    try:  # resumable, shows progress, honours HF_TOKEN
+    try:  # resumable, shows progress, honours HF_HUB_OFFLINE and HF_TOKEN
         return Path(snapshot_download(PRESETS[size], allow_patterns=patterns))
-    except Exception as e:
-        first = (str(e).splitlines() or [""])[0][:160]
-        raise ValueError(f"could not download {PRESETS[size]} ({type(e).__name__}: {first})") from None
+    except Exception as e:  # offline, no network, gated, disk full...: one line that says what to do
+        offline = constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+        why = "the hub is offline (HF_HUB_OFFLINE=1)" if offline else \
+            f"downloading it failed ({type(e).__name__}: {(str(e).splitlines() or [''])[0][:120]})"
+        raise ValueError(f"{PRESETS[size]} is not in the Hugging Face cache and {why}; download it once with "
+                         "network access, or pass --model DIR (a local SmolVLM2 folder)") from None
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -562,8 +627,19 @@ def sample_next(logits: torch.Tensor, temperature: float, top_p: float, generato
 def generate(model: SmolVLM, input_ids, attention_mask=None, pixel_values=None, lora=None, lora_alpha=128.0,
              max_new_tokens: int = 64, eos_token_id: int | None = None, temperature: float = 0.0, top_p: float = 1.0,
              generator=None, on_token: Callable[[torch.Tensor], None] | None = None) -> list[list[int]]:
-    """Left-padded prompts (B, T) -> the new tokens of each sample, stopping at eos (not included)."""
+    """Left-padded prompts (B, T) -> the new tokens of each sample, stopping at eos (not included). The prompt and
+    the answer must fit the model's context (max_position_embeddings): the KV cache is allocated for both."""
     B, T = input_ids.shape
+    context = model.config.text.max_position_embeddings
+    if not (isinstance(max_new_tokens, int) and 1 <= max_new_tokens):
+        raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens}")
+    if T + max_new_tokens > context:
+        raise ValueError(f"a prompt of {T} tokens plus {max_new_tokens} new tokens is past the model's context of "
+                         f"{context} tokens; shorten the input or ask for at most {max(context - T, 0)} new tokens")
+    if not (math.isfinite(temperature) and temperature >= 0):
+        raise ValueError(f"temperature must be a finite number >= 0, got {temperature}")
+    if not (0 < top_p <= 1):
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
     cache = model.new_cache(B, T + max_new_tokens)
     out = model(input_ids, pixel_values, attention_mask, lora, lora_alpha, cache=cache, logits="last")
     done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)

@@ -38,7 +38,7 @@ from tqdm import tqdm
 
 import data
 import model as M
-from adapter import base_facts
+from adapter import Terminated, base_facts, run_cli, write_atomic
 from hypernet import HyperConfig, HyperNet, compile_hypernet, compose_lora, load_hypernet, save_hypernet
 
 UNABLE = "Unable to determine."  # method.md §6.2: what an empty teacher answer becomes
@@ -61,42 +61,18 @@ HARDWARE = {
 
 
 # ------------------------------------------------------------------------------------------------ the CLI boundary
-class Stopped(Exception):
-    """Ctrl-C or SIGTERM stopped the command after it saved its work; the CLI exits 128 + signal."""
+class Stopped(Terminated):
+    """Ctrl-C or SIGTERM stopped the command after it saved its work; adapter.run_cli prints `what` (how to go on)
+    and exits 128 + signal."""
 
     def __init__(self, signum: int, what: str = ""):
-        super().__init__(what)
-        self.signum = signum
+        super().__init__(signum)
+        self.what = what
 
 
 def fail(msg: str):
     """A user's mistake: one line on stderr, exit 1 (raised as SystemExit so Python callers can catch it)."""
     raise SystemExit(f"error: {msg}")
-
-
-def run_cli(fn, argv=None):
-    """Run a command and turn what can go wrong outside our control into one `error:` line and an exit code: a
-    signal that stopped it (128 + signal, after the work was saved), a second Ctrl-C (130), a write or read that
-    failed (disk full, read-only folder, a name too long), running out of memory. Set V2L_TRACEBACK=1 to see the
-    traceback instead. (adapter.run_cli will do this for every script; this is training's own until then.)"""
-    try:
-        return fn(argv)
-    except Stopped as e:
-        print(f"stopped by {signal.Signals(e.signum).name}{': ' + str(e) if str(e) else ''}", file=sys.stderr)
-        raise SystemExit(128 + e.signum) from None
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
-        raise SystemExit(128 + signal.SIGINT) from None
-    except (OSError, RuntimeError, ValueError) as e:
-        if os.environ.get("V2L_TRACEBACK"):
-            raise
-        if isinstance(e, torch.OutOfMemoryError):
-            msg = "out of memory: lower --batch (raise --accum to keep the step's size) or set --layer-chunk"
-        elif isinstance(e, OSError) and e.strerror:
-            msg = f"{e.strerror}: {e.filename}" if e.filename else e.strerror
-        else:
-            msg = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
-        raise SystemExit(f"error: {msg}") from None
 
 
 def temp_path(path: Path) -> Path:
@@ -106,16 +82,6 @@ def temp_path(path: Path) -> Path:
     if len(raw) > 240:  # bytes, as the limit (255) counts them
         raw = raw[:200].decode(errors="ignore").encode() + b"-" + hashlib.sha256(raw).hexdigest()[:12].encode()
     return path.with_name(raw.decode() + ".tmp")
-
-
-def write_atomic(path: Path, text: str):
-    """Write a text file whole or not at all: a temp file renamed over it; the temp file never outlives a failure."""
-    tmp = temp_path(path)
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def umask_modes(folder: Path):
@@ -179,15 +145,11 @@ def parse_with_recipe(parser: argparse.ArgumentParser, argv, recipe=None) -> arg
 # ------------------------------------------------------------------------------------------------ setup helpers
 def resolve_base(size, model) -> Path:
     """The base model's folder: --model, the shipped toy base, or a released size from the Hugging Face cache/hub.
-    A hub miss (offline, no network, no access) is one line that says how to fix it."""
+    A hub miss (offline, no network, no access) is one line that says how to fix it (model.resolve_model_dir)."""
     try:
         model_dir = M.resolve_model_dir(size, model)
     except ValueError as e:
         fail(str(e))
-    except Exception as e:  # huggingface_hub's errors: offline, unreachable, gated, not found
-        home = os.environ.get("HF_HOME", "~/.cache/huggingface")
-        fail(f"the {size} base model ({M.PRESETS.get(size, size)}) is not in the Hugging Face cache ({home}) and "
-             f"could not be downloaded ({type(e).__name__}): connect once with HF_HUB_OFFLINE unset, or pass --model DIR")
     if not (Path(model_dir) / "config.json").is_file():
         fail(f"no base model at {model_dir} (pass --model DIR, or build the toy base first)")
     return Path(model_dir)
@@ -195,12 +157,9 @@ def resolve_base(size, model) -> Path:
 
 def pick_device(name: str, local_rank: int = 0) -> torch.device:
     try:
-        device = M.pick_device(name, local_rank)
-    except RuntimeError:
-        fail(f"--device {name!r} is not a device: use auto, cpu or cuda")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        fail(f"--device {name}: this machine (torch {torch.__version__}) has no CUDA device; use --device cpu")
-    return device
+        return M.pick_device(name, local_rank)
+    except ValueError as e:
+        fail(str(e))
 
 
 def model_setup(args, device):
@@ -1098,8 +1057,10 @@ def cli(argv):
 
 
 def main(argv=None):
-    return run_cli(cli, argv)
+    """The command, callable from Python: returns the run's final state; a user's mistake is SystemExit("error:
+    ..."), a signal Stopped after the save. As a script, adapter.run_cli turns those into an exit status."""
+    return cli(argv)
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -9,10 +9,12 @@ from pathlib import Path
 
 import av
 import numpy as np
+import pytest
 import torch
 from safetensors.torch import save_file
 
 import model as M
+from adapter import run_cli
 from hypernet import HyperConfig, HyperNet, save_hypernet
 from toy import base as toy_base
 from toy import world
@@ -138,3 +140,24 @@ def random_hypernet(cfg: M.SmolVLMConfig, seed: int = 0, **overrides) -> HyperNe
 def write_random_hypernet(path: Path, cfg: M.SmolVLMConfig, seed: int = 0) -> Path:
     save_hypernet(path, random_hypernet(cfg, seed))
     return path
+
+
+# ------------------------------------------------------------------------------------------------ CLI errors
+def assert_one_line_error(capsys, fn, argv, match: str, no_output: Path | None = None, code: int = 1):
+    """Run a CLI's main as its `__main__` does (adapter.run_cli): exit status `code`, exactly one stderr line
+    `error: ...` containing `match`, no traceback; with `no_output`, nothing written there, not even a temp file."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        run_cli(fn, [str(a) for a in argv])
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if not line.startswith(("note:", "hint:"))]
+    if isinstance(e.value.code, str):   # SystemExit("error: ...") prints when it reaches the interpreter
+        lines, status = lines + [e.value.code], 1
+    else:
+        status = e.value.code
+    assert status == code, (status, err)
+    assert len(lines) == 1 and lines[0].startswith("error: ") and match in lines[0], lines
+    assert "Traceback" not in err
+    if no_output is not None:  # nothing written, not even a temp file
+        assert not no_output.exists()
+        assert not list(no_output.parent.glob(".v2l-*.tmp"))

@@ -17,7 +17,7 @@ import data
 import internalize
 import model as M
 from toy import world
-from conftest import write_random_base, write_random_hypernet
+from conftest import assert_one_line_error, write_random_base, write_random_hypernet
 from hypernet import HyperConfig, HyperNet, internalize as reference_internalize, load_hypernet, save_hypernet
 
 REPO = Path(__file__).resolve().parent.parent
@@ -42,9 +42,10 @@ def run_internalize(w, *extra):
     internalize.main([str(w / "clip.mp4"), "--model", str(w / "base"), "--hypernet", str(w / "hyper"), *extra])
 
 
-def ask_json(capsys, *argv) -> list[dict]:
+def ask_json(capsys, *argv, base=None) -> list[dict]:
+    """ask.py --json; `base`: the --model folder (adapters of a local base model need it named)."""
     capsys.readouterr()
-    ask.main([*map(str, argv), "--json", "--max-new-tokens", "6"])
+    ask.main([*map(str, argv), "--json", "--max-new-tokens", "6", *(["--model", str(base)] if base else [])])
     return [json.loads(line) for line in capsys.readouterr().out.splitlines()]
 
 
@@ -71,7 +72,7 @@ def test_internalize_then_ask(w, capsys):
 
     # ask.py: zero visual tokens, and the answer is greedy generation with the adapter as the LoRA argument.
     q_ids, _ = proc.question_inputs("What color is the square?")
-    (r,) = ask_json(capsys, out, "What color is the square?")
+    (r,) = ask_json(capsys, out, "What color is the square?", base=w / "base")
     assert (r["mode"], r["visual_tokens"], r["input_tokens"]) == ("adapter", 0, q_ids.shape[1])
     gen = M.generate(vlm, q_ids, lora=ad.lora(), lora_alpha=128.0, max_new_tokens=6, eos_token_id=proc.eou_id)[0]
     assert r["answer"] == proc.decode(gen).strip() and r["new_tokens"] == len(gen)
@@ -80,10 +81,10 @@ def test_internalize_then_ask(w, capsys):
     assert not torch.allclose(with_lora, vlm(q_ids).logits, atol=1e-3)  # the adapter really changes the model
 
     # Several questions and stdin lines: one load, one answer each; streaming text mode prints the same answer.
-    rs = ask_json(capsys, out, "What color is the square?", "Where does it move?")
+    rs = ask_json(capsys, out, "What color is the square?", "Where does it move?", base=w / "base")
     assert [x["question"] for x in rs] == ["What color is the square?", "Where does it move?"]
     assert rs[0]["answer"] == r["answer"]
-    ask.main([str(out), "What color is the square?", "--max-new-tokens", "6", "--timing"])
+    ask.main([str(out), "What color is the square?", "--max-new-tokens", "6", "--timing", "--model", str(w / "base")])
     cap = capsys.readouterr()
     assert cap.out.strip() == r["answer"] and "TTFT" in cap.err and "(0 visual)" in cap.err
 
@@ -93,7 +94,7 @@ def test_stdin_questions(w, capsys, monkeypatch):
     if not out.exists():
         run_internalize(w, "-o", str(out))
     monkeypatch.setattr(sys, "stdin", __import__("io").StringIO("first question\n\nsecond question\n"))
-    rs = ask_json(capsys, out, "-")
+    rs = ask_json(capsys, out, "-", base=w / "base")
     assert [r["question"] for r in rs] == ["first question", "second question"]
 
 
@@ -128,7 +129,7 @@ def test_segments_compose_and_weights(w, capsys):
                                    atol=1e-5, rtol=1e-4)
     assert [s["weight"] for s in wab.meta["segments"]] == [1.0, 0.5] and wab.meta["bias_weight"] == 0.25
 
-    (res,) = ask_json(capsys, w / "ab.safetensors", "What happens?")
+    (res,) = ask_json(capsys, w / "ab.safetensors", "What happens?", base=w / "base")
     assert res["mode"] == "adapter" and res["visual_tokens"] == 0 and res["new_tokens"] > 0
 
 
@@ -174,32 +175,42 @@ def test_python_api_loads_once_and_equals_the_cli(w, capsys):
     composed = adapter.concat_adapters(halves)
     assert composed.meta["generated_rank"] == 2 * composed.meta["rank"]
     answers = [ask.answer(models, "What color is the square?", a, max_new_tokens=6) for a in (from_path, composed)]
-    (cli,) = ask_json(capsys, w / "api.safetensors", "What color is the square?")
+    (cli,) = ask_json(capsys, w / "api.safetensors", "What color is the square?", base=w / "base")
     assert answers[0]["answer"] == cli["answer"] and all(a["visual_tokens"] == 0 for a in answers)
 
 
-def test_peft_export_gives_the_same_logits(w):
+def test_peft_export_gives_the_same_logits_and_answers(w, capsys):
+    """compose.py --to-peft names the base folder it was given; transformers + PEFT load the export onto that base
+    and give our logits and ask.py's greedy answer, token for token."""
     from peft import PeftModel
     from transformers import SmolVLMForConditionalGeneration
 
     src = w / "seg.safetensors"
     if not src.exists():
         run_internalize(w, "--segments", "2", "-o", str(src))
-    compose.main([str(src), "--to-peft", str(w / "peft")])
+    compose.main([str(src), "--to-peft", str(w / "peft"), "--model", str(w / "base")])
     cfg = json.loads((w / "peft" / "adapter_config.json").read_text())
-    assert cfg["r"] == cfg["lora_alpha"] == 12
+    assert cfg["r"] == cfg["lora_alpha"] == 12 and cfg["base_model_name_or_path"] == str(w / "base")
     ad, vlm = adapter.load_adapter(src), M.load_model(w / "base")
-    ids, _ = data.Processor(w / "base").question_inputs("What happens after the square moves?")
+    proc = data.Processor(w / "base")
+    question = "What happens after the square moves?"
+    ids, _ = proc.question_inputs(question)
     ours = vlm(ids, lora=ad.lora(), lora_alpha=ad.alpha).logits
-    hf = SmolVLMForConditionalGeneration.from_pretrained(w / "base").eval()
+    hf = SmolVLMForConditionalGeneration.from_pretrained(cfg["base_model_name_or_path"]).eval()
     base = hf(input_ids=ids).logits
     peft = PeftModel.from_pretrained(hf, w / "peft").eval()
     n_lora = sum(1 for n, _ in peft.named_parameters() if "lora_A" in n)
     assert n_lora == 2  # one per decoder layer's down_proj, nothing else
     with torch.no_grad():
         theirs = peft(input_ids=ids).logits
+        gen = peft.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False,
+                            eos_token_id=proc.eou_id, pad_token_id=proc.pad_id)[0, ids.shape[1]:].tolist()
     assert not torch.allclose(theirs, base, atol=1e-3)
     torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=1e-5)
+    gen = gen[: gen.index(proc.eou_id)] if proc.eou_id in gen else gen
+    want = M.generate(vlm, ids, lora=ad.lora(), lora_alpha=ad.alpha, max_new_tokens=6, eos_token_id=proc.eou_id)[0]
+    (r,) = ask_json(capsys, src, question, base=w / "base")
+    assert gen == want and proc.decode(gen).strip() == r["answer"] and r["new_tokens"] == len(gen)
 
 
 # ------------------------------------------------------------------------------------------------ user errors
@@ -221,25 +232,12 @@ def bad(w):
     return w
 
 
-def assert_one_line_error(capsys, fn, argv, match: str, no_output: Path | None = None):
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as e:
-        fn([str(a) for a in argv])
-    msg = e.value.code
-    assert isinstance(msg, str) and msg.startswith("error: ") and "\n" not in msg, msg
-    assert match in msg, msg
-    assert "Traceback" not in capsys.readouterr().err
-    if no_output is not None:  # nothing written, not even a temp file
-        assert not no_output.exists()
-        assert not list(no_output.parent.glob(f".{no_output.name}.tmp*"))
-
-
 def test_internalize_errors(bad, capsys, tmp_path):
     w, out = bad, tmp_path / "x.safetensors"
     common = ["--model", w / "base", "--hypernet", w / "hyper", "-o", out]
     assert_one_line_error(capsys, internalize.main, [w / "missing.mp4", *common], "no such file", out)
     assert_one_line_error(capsys, internalize.main, [w / "notvideo.mp4", *common], "not a readable media file", out)
-    assert_one_line_error(capsys, internalize.main, [w / "clip.mp4", *common, "--start", "9"], "no frames", out)
+    assert_one_line_error(capsys, internalize.main, [w / "clip.mp4", *common, "--start", "9"], "past the clip's end", out)
     assert_one_line_error(capsys, internalize.main, [w / "clip.mp4", "--model", w / "base", "--hypernet",
                                                      w / "other_hyper", "-o", out], "was built for", out)
     assert_one_line_error(capsys, internalize.main, [w / "clip.mp4", "--model", w / "base", "--hypernet",
@@ -283,3 +281,110 @@ def test_cli_error_is_one_line_on_stderr(tmp_path):
     assert p.returncode == 1 and p.stdout == ""
     assert p.stderr.splitlines() == [f"error: {tmp_path / 'nope.mp4'}: no such file"]
     assert not out.exists()
+
+
+# ------------------------------------------------------------------------------------------------ issue 30: first hour
+def _doc_blocks(name: str) -> list[tuple[str, str]]:
+    import re
+    return re.findall(r"```(\w*)\n(.*?)\n```", (REPO / "docs" / name).read_text(), re.S)
+
+
+def test_api_doc_runs_and_prints_what_it_says(tmp_path, monkeypatch, capsys):
+    """docs/api.md: load once, internalize a path and a frames array, compose, save and reload, ask many questions
+    of many adapters and with the video in context; its printed output is the one pasted in the doc."""
+    blocks = _doc_blocks("api.md")
+    code, expected = blocks[0][1], blocks[1][1]
+    assert blocks[0][0] == "python"
+    (tmp_path / "examples").symlink_to(REPO / "examples")
+    monkeypatch.chdir(tmp_path)
+    capsys.readouterr()
+    exec(compile(code, "docs/api.md", "exec"), {"__name__": "api_doc"})
+    assert capsys.readouterr().out.strip().splitlines() == expected.splitlines()
+
+
+def test_peft_doc_runs_and_answers_as_ask(tmp_path, monkeypatch, capsys):
+    """docs/peft.md on the shipped toy base: its export command, then its transformers + PEFT snippet, from the
+    repository's layout; the answer equals ask.py's, and the export names checkpoints/tiny/base."""
+    import shlex
+    (bash, commands), (py, code) = _doc_blocks("peft.md")[:2]
+    assert (bash, py) == ("bash", "python")
+    for name in ("examples", "checkpoints"):
+        (tmp_path / name).symlink_to(REPO / name)
+    monkeypatch.chdir(tmp_path)
+    scripts = {"internalize.py": internalize.main, "compose.py": compose.main}
+    for cmd in commands.split("&&"):
+        argv = shlex.split(cmd)
+        assert argv[0] == "python"
+        scripts[argv[1]](argv[2:])
+    assert json.loads(Path("adapter-peft/adapter_config.json").read_text())["base_model_name_or_path"] == \
+        "checkpoints/tiny/base"
+    capsys.readouterr()
+    exec(compile(code, "docs/peft.md", "exec"), {"__name__": "peft_doc"})
+    theirs = capsys.readouterr().out.strip()
+    (r,) = ask_json(capsys, "adapter.safetensors", "What color is the square?")
+    assert theirs == r["answer"] == "red"
+
+
+def test_several_adapters_and_folders_in_one_call(w, capsys, tmp_path):
+    """One base load for many adapters; each --json row names the adapter file and the video span it answers
+    about, and equals asking that adapter alone; a folder is read as its adapters; mixed bases are refused."""
+    for name, extra in (("p1", ["--end", "2"]), ("p2", ["--start", "2"])):
+        if not (w / f"{name}.safetensors").exists():
+            run_internalize(w, *extra, "-o", str(w / f"{name}.safetensors"))
+    a, p1, p2 = (w / f"{n}.safetensors" for n in ("a", "p1", "p2"))
+    if not a.exists():
+        run_internalize(w, "-o", str(a))
+    rows = ask_json(capsys, a, p1, p2, "What color is the square?", "Where does it move?", base=w / "base")
+    assert [(r["adapter"], r["question"]) for r in rows] == [(str(x), q) for q in ("What color is the square?",
+                                                                                    "Where does it move?")
+                                                             for x in (a, p1, p2)]
+    assert [(r["video"], r["start"], r["end"]) for r in rows[:3]] == [("clip.mp4", 0, pytest.approx(4.0)),
+                                                                      ("clip.mp4", 0, 2), ("clip.mp4", 2, 4)]
+    (alone,) = ask_json(capsys, p2, "What color is the square?", base=w / "base")
+    assert alone == {**rows[2], "ttft_s": alone["ttft_s"], "tokens_per_s": alone["tokens_per_s"],
+                     "total_s": alone["total_s"]}
+    folder = tmp_path / "adapters"
+    folder.mkdir()
+    for x in (p1, p2):
+        shutil.copy(x, folder / x.name)
+    shutil.copy(w / "hyper" / "hypernet.safetensors", folder)   # not an adapter: skipped, with a note
+    rows = ask_json(capsys, folder, "What color is the square?", base=w / "base")
+    assert [Path(r["adapter"]).name for r in rows] == ["p1.safetensors", "p2.safetensors"]
+    capsys.readouterr()
+    ask.main([str(p1), str(p2), "What color is the square?", "--model", str(w / "base"), "--max-new-tokens", "4"])
+    out = capsys.readouterr()
+    assert out.out.splitlines()[0] == "Q: What color is the square?" and out.out.splitlines()[1].startswith(f"[{p1}] ")
+    other = w / "bad_other.safetensors"
+    if not other.exists():
+        internalize.main([str(w / "clip.mp4"), "--model", str(w / "other"), "--hypernet", str(w / "other_hyper"),
+                          "-o", str(other)])
+    assert_one_line_error(capsys, ask.main, [a, other, "q", "--model", w / "base"], "different base models")
+
+
+def test_hints_about_segments_and_the_toy_world(tmp_path, capsys):
+    """On the shipped toy base: a 40 s clip read as 12 frames gets one hint naming --segments, and a clip that is
+    not from the toy world (sky and skin tones) one note that the base only knows coloured shapes; the quick
+    start's toy clip gets neither."""
+    import av
+    import numpy as np
+    path = tmp_path / "walk.mp4"
+    with av.open(str(path), "w") as c:
+        s = c.add_stream("libx264", rate=2)
+        s.width = s.height = 64
+        s.pix_fmt = "yuv420p"
+        for i in range(80):
+            a = np.full((64, 64, 3), (135, 180, 235), np.uint8)
+            a[32:, :] = (200, 150, 120)
+            a[:, i % 64] = 90
+            for p in s.encode(av.VideoFrame.from_ndarray(a, format="rgb24")):
+                c.mux(p)
+        for p in s.encode():
+            c.mux(p)
+    capsys.readouterr()
+    internalize.main([str(path), "-o", str(tmp_path / "walk.safetensors")])
+    err = [x for x in capsys.readouterr().err.splitlines() if x.startswith(("note:", "hint:"))]
+    assert len(err) == 2 and "only knows coloured shapes" in err[0], err
+    assert err[1] == "hint: walk.mp4 was read as one frame per 3 s; --segments 4 (or --segment-seconds 12) reads " \
+                     "it at 1 frame/s", err
+    internalize.main([str(REPO / "examples" / "clip.mp4"), "-o", str(tmp_path / "clip.safetensors")])
+    assert not [x for x in capsys.readouterr().err.splitlines() if x.startswith(("note:", "hint:"))]

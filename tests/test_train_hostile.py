@@ -13,6 +13,7 @@ import data
 import model as M
 import train
 from adapter import base_facts
+from adapter import run_cli
 from conftest import write_learnable_base, write_square_clip
 from hypernet import load_hypernet
 from toy import world
@@ -212,7 +213,7 @@ def test_training_that_would_train_nothing_stops_with_an_error(case, tmp_path):
     assert snapshot(case["dir"]) == {k: v for k, v in before.items()}
 
 
-def test_a_failed_write_leaves_no_temp_file_and_files_get_the_umask(case, tmp_path, monkeypatch):
+def test_a_failed_write_leaves_no_temp_file_and_files_get_the_umask(case, tmp_path, monkeypatch, capsys):
     assert len(train.temp_path(tmp_path / ("x" * 255)).name.encode()) <= 255
     assert train.temp_path(tmp_path / "y").name.endswith(".tmp") and "*.tmp" in (ROOT / ".gitignore").read_text()
     old = os.umask(0o027)
@@ -226,9 +227,13 @@ def test_a_failed_write_leaves_no_temp_file_and_files_get_the_umask(case, tmp_pa
     def full_disk(*a, **k):
         raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "full" / "latest.tmp" / "trainer.pt"))
     monkeypatch.setattr(train.torch, "save", full_disk)
-    with pytest.raises(SystemExit) as e:
-        train.main(args(case, tmp_path / "full", "--steps", 1, "--batch", 2, "--accum", 1))
-    assert one_error(e).startswith("error: No space left on device")
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:  # as the script runs it: adapter.run_cli turns the OSError into one line
+        run_cli(train.main, args(case, tmp_path / "full", "--steps", 1, "--batch", 2, "--accum", 1))
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and "Traceback" not in err
+    assert [ln for ln in err.splitlines() if ln.startswith("error:")] == [err.splitlines()[-1]]
+    assert err.splitlines()[-1].startswith("error: ") and "No space left on device" in err.splitlines()[-1]
     assert not (tmp_path / "full").exists()  # no latest.tmp, and no half-made run folder
 
 
@@ -282,7 +287,7 @@ def test_ctrl_c_in_the_teacher_keeps_its_finished_rows_and_exits_130(case, tmp_p
         return real(*a, **k)
     monkeypatch.setattr(M, "generate", interrupted)
     with pytest.raises(SystemExit) as e:
-        train.main(cmd)
+        run_cli(train.main, cmd)
     assert e.value.code == 130 and [json.loads(ln)["id"] for ln in out.read_text().splitlines()] == ["c0"]
     train.main(cmd)  # the rerun finishes the rest
     assert [json.loads(ln)["id"] for ln in out.read_text().splitlines()] == ["c0", "c1", "c2"]

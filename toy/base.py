@@ -43,7 +43,8 @@ import data
 import model as M
 from toy import world
 from safetensors.torch import load_file
-from train import StopFlag, Stopped, fail, parse_with_recipe, run_cli, temp_path, umask_modes
+from adapter import run_cli
+from train import StopFlag, Stopped, fail, parse_with_recipe, temp_path, umask_modes
 
 
 MOTION_LAYER = 2  # the dense heads read the residual stream entering decoder layer 2 (of 4)
@@ -580,10 +581,6 @@ RECIPE = Path(__file__).resolve().parent / "recipes" / "base.toml"
 
 
 def main(argv=None):
-    return run_cli(cli, argv)
-
-
-def cli(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--recipe", default=str(RECIPE), help="TOML file of the options below (default: the shipped "
                                                          "recipe); options given on the command line override it")
@@ -660,4 +657,4 @@ def check_args(args):
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -23,7 +23,7 @@ import torch
 
 import data
 import model as M
-from adapter import adapter_from_lora, base_facts, concat_adapters
+from adapter import ArgumentParser, adapter_from_lora, base_facts, concat_adapters, run_cli
 from eval import paired_bootstrap, verdicts
 from hypernet import internalize, load_hypernet
 from toy import world
@@ -202,7 +202,7 @@ def ensure_clips(out: Path, n: int, two_part: str) -> Path:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=str(M.TINY_DIR), help="base model folder (default: the shipped tiny one)")
     p.add_argument("--hypernet", default=str(M.TINY_DIR.parent / "hypernet"))
     p.add_argument("--ablation", help="a second hypernetwork (e.g. trained on captions only) to score beside it")
@@ -233,4 +233,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)   # one-line errors, 128 + signal after Ctrl-C / SIGTERM

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 import data
 import model as M
+from adapter import ArgumentParser, run_cli
 
 GROUPS = ("all tokens", "image tokens", "text after the video")
 ATTRIBUTES = ("color", "shape", "direction")
@@ -96,7 +97,7 @@ def probe(model_dir: str, train_manifest: str, test_manifest: str, n_train: int,
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", action="append", help="base model folder; repeat to compare (default: shipped tiny)")
     p.add_argument("--manifest", default="data/toy/heldout/manifest.jsonl", help="clips to read (world.py clips)")
     p.add_argument("--clips", type=int, default=40)
@@ -118,4 +119,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)   # one-line errors, 128 + signal after Ctrl-C / SIGTERM

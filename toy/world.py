@@ -5,7 +5,6 @@ clips, prompts and answers). Training the toy base model and scoring fidelity li
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import string
@@ -376,14 +375,16 @@ EXAMPLE = ClipSpec(width=160, height=120, fps=12, n_frames=48, objects=(
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="The toy world: synthetic clips of coloured shapes (toyworld.md).")
+    from adapter import ArgumentParser   # one-line usage errors, as every command here
+
+    parser = ArgumentParser(description="The toy world: synthetic clips of coloured shapes (toyworld.md).")
     sub = parser.add_subparsers(dest="command", required=True)
     clips = sub.add_parser("clips", help="write N clips of a split as mp4 + manifest.jsonl (resumable)")
     clips.add_argument("--split", choices=sorted(SPLITS), default="train", help="seed range to draw from")
     clips.add_argument("--n", type=int, default=500, help="number of clips (indices 0..n-1)")
     clips.add_argument("--out", required=True, help="output folder, e.g. data/toy/train")
     clips.add_argument("--two-part", choices=sorted(TWO_PART_MODES), default="mixed",
-                       help=f"mixed: about {TWO_PART_P:.0%} two-part clips; always / never: force it")
+                       help=f"mixed: about {TWO_PART_P * 100:.0f}%% two-part clips; always / never: force it")
     example = sub.add_parser("example", help="write the example clip that ships in examples/")
     example.add_argument("--out", default="examples/clip.mp4")
     args = parser.parse_args(argv)
@@ -401,4 +402,6 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from adapter import run_cli   # one-line errors, 128 + signal after Ctrl-C / SIGTERM
+
+    run_cli(main)
