@@ -232,10 +232,12 @@ class Setup:
         return ids.to(self.vlm.model.text_model.embed_tokens.weight.device)
 
 
-def random_vlm(cfg: M.SmolVLMConfig, seed: int) -> M.SmolVLM:
-    """Random weights without a checkpoint (e.g. on a GPU machine): N(0, 0.02) matrices, norms at one."""
+def random_vlm(cfg: M.SmolVLMConfig, seed: int, device="cpu") -> M.SmolVLM:
+    """Random weights without a checkpoint (e.g. on a GPU machine): N(0, 0.02) matrices, norms at one. Built on
+    `device` (a 2.2B model initialises in a second on a GPU, in a minute on a CPU)."""
     torch.manual_seed(seed)
-    vlm = M.SmolVLM(cfg)
+    with torch.device(device):
+        vlm = M.SmolVLM(cfg)
     for p in vlm.parameters():
         if p.dim() > 1:
             torch.nn.init.normal_(p, std=0.02)
@@ -251,10 +253,11 @@ def write_proc_dir(cfg: M.SmolVLMConfig, path: Path) -> Path:
     return path
 
 
-def random_hypernet(cfg: M.SmolVLMConfig, seed: int, **overrides) -> HyperNet:
+def random_hypernet(cfg: M.SmolVLMConfig, seed: int, device="cpu", **overrides) -> HyperNet:
     """A fresh hypernetwork with scaler_B made non-zero, so the LoRA is a real (random) update, not dW = 0."""
     torch.manual_seed(seed)
-    net = HyperNet(HyperConfig.for_model(cfg, **overrides)).eval().requires_grad_(False)
+    with torch.device(device):
+        net = HyperNet(HyperConfig.for_model(cfg, **overrides)).eval().requires_grad_(False)
     for s in net.scaler_B.values():
         s.data.fill_(0.01)
     return net
@@ -289,8 +292,8 @@ def real_setup(size: str, model_dir, workdir: Path, device, dtype, seed: int = 0
     if (path / "config.json").exists():
         vlm, label = M.load_model(path, dtype, device), f"{size} shape, random weights ({path})"
     else:
-        vlm, label = random_vlm(cfg, seed).to(device, dtype), f"{size} shape, random weights (seed {seed})"
-    return Setup(vlm, random_hypernet(vlm.config, seed).to(device), write_proc_dir(vlm.config, workdir / f"proc-{size}"),
+        vlm, label = random_vlm(cfg, seed, device).to(dtype), f"{size} shape, random weights (seed {seed})"
+    return Setup(vlm, random_hypernet(vlm.config, seed, device), write_proc_dir(vlm.config, workdir / f"proc-{size}"),
                  label + ", released hypernet config")
 
 
@@ -512,8 +515,8 @@ def limits_table(rows: list[dict]) -> list[str]:
     for r in rows:
         f, s = r["flops"], r["seconds"]
         peak = f["matmul"] / s["matmul"]
-        out.append(f"| {r['frames']} | {peak / GB:.1f} | {f['encode'] / GB:.0f}, {f['encode'] / s['encode'] / GB:.1f}, "
-                   f"**{f['encode'] / s['encode'] / peak:.2f}** | {f['hypernet'] / GB:.0f}, "
+        out.append(f"| {r['frames']} | {peak / GB:.1f} | {f['encode'] / GB:.1f}, {f['encode'] / s['encode'] / GB:.1f}, "
+                   f"**{f['encode'] / s['encode'] / peak:.2f}** | {f['hypernet'] / GB:.1f}, "
                    f"{f['hypernet'] / s['hypernet'] / GB:.1f}, **{f['hypernet'] / s['hypernet'] / peak:.2f}** |")
     return out
 
@@ -569,13 +572,23 @@ def write_atomic(path: Path, text: str):
     os.replace(path.with_name(path.name + ".tmp"), path)
 
 
-def run(s: Setup, args) -> tuple[list[dict], str]:
-    """Warm up every condition on a 1-frame video (not counted), then sweep the frame counts."""
+def run(s: Setup, args, on_row=None) -> tuple[list[dict], str]:
+    """Warm up every condition on a 1-frame video (not counted), then sweep the frame counts; on_row(rows, meta)
+    after each one (the results so far are written, so a run cut short still leaves its tables)."""
     w, h = args.clip
     # Long enough for the most frames asked at SmolVLM2's 1 frame/s; past the default cap, 2 fps keeps it small.
     seconds = max(MAX_FRAMES, min(max(args.frames), args.max_frames)) + 4
     fps = 4 if seconds <= MAX_FRAMES + 4 else 2
     clip = long_clip(Path(args.workdir), w, h, seconds=seconds, fps=fps)
+    hc = s.net.config
+    w_ = s.vlm.model.text_model.embed_tokens.weight
+    meta = (f"{s.label}; {w_.device.type} {str(w_.dtype).replace('torch.', '')}, {torch.get_num_threads()} threads"
+            f"{', ' + torch.cuda.get_device_name(w_.device) if w_.device.type == 'cuda' else ''}, torch "
+            f"{torch.__version__}; {s.vlm.config.image_seq_len} tokens per frame; hypernet latent {hc.latent_size}, "
+            f"{hc.num_blocks} blocks, rank {hc.rank} (+{hc.rank} static) on {', '.join(hc.targets)}, layer chunk "
+            f"{args.layer_chunk}; clip {w}x{h} H.264, {seconds} s at {fps} fps, at most {args.max_frames} frames "
+            f"sampled; question {QUESTION!r}; context window {s.vlm.config.text.max_position_embeddings} positions; "
+            f"up to {args.repeats} timed runs per cell, warm-up excluded; {args.decode_tokens} decode tokens timed.")
     warm = argparse.Namespace(**{**vars(args), "repeats": 1, "sizes": args.sizes[:1]})
     t0 = time.perf_counter()
     bench_frames(s, clip, 1, warm)
@@ -588,15 +601,8 @@ def run(s: Setup, args) -> tuple[list[dict], str]:
         print(f"{n} frames asked, {r['frames']} got: in-context {r['seconds']['in_context']:.3f} s, kept KV "
               f"{r['seconds']['kept']:.3f} s, adapter {r['seconds']['adapter']:.3f} s, text {r['seconds']['text']:.3f} s "
               f"({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
-    hc = s.net.config
-    w_ = s.vlm.model.text_model.embed_tokens.weight
-    meta = (f"{s.label}; {w_.device.type} {str(w_.dtype).replace('torch.', '')}, {torch.get_num_threads()} threads"
-            f"{', ' + torch.cuda.get_device_name(w_.device) if w_.device.type == 'cuda' else ''}, torch "
-            f"{torch.__version__}; {s.vlm.config.image_seq_len} tokens per frame; hypernet latent {hc.latent_size}, "
-            f"{hc.num_blocks} blocks, rank {hc.rank} (+{hc.rank} static) on {', '.join(hc.targets)}; "
-            f"clip {w}x{h} H.264, {seconds} s at {fps} fps, at most {args.max_frames} frames sampled; question "
-            f"{QUESTION!r}; context window {s.vlm.config.text.max_position_embeddings} positions; up to "
-            f"{args.repeats} timed runs per cell, warm-up excluded; {args.decode_tokens} decode tokens timed.")
+        if on_row is not None:
+            on_row(rows, meta)
     return rows, meta
 
 
@@ -654,15 +660,16 @@ def main(argv=None):
     workdir.mkdir(parents=True, exist_ok=True)
     s = tiny_setup(workdir, device, dtype) if args.size == "tiny" else \
         real_setup(args.size, args.model, workdir, device, dtype)
-    rows, meta = run(s, args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    table = markdown(rows, meta, args.sizes)
-    write_atomic(out / "results.md", table)
-    write_atomic(out / "results.json", json.dumps({"meta": meta, "args": {k: v for k, v in vars(args).items()},
-                                                   "rows": rows}, indent=2))
+
+    def save(rows, meta):
+        write_atomic(out / "results.md", markdown(rows, meta, args.sizes))
+        write_atomic(out / "results.json", json.dumps({"meta": meta, "args": vars(args), "rows": rows}, indent=2))
+
+    rows, meta = run(s, args, on_row=save)
     pngs = plots(rows, out, f"{args.size}, {device.type}", args.sizes[0])
-    print("\n" + table)
+    print("\n" + markdown(rows, meta, args.sizes))
     print(f"wrote {out / 'results.md'}, results.json" + "".join(f", {p.name}" for p in pngs), file=sys.stderr)
 
 
