@@ -129,6 +129,9 @@ def main(argv=None) -> list[dict]:
     for n in frames:
         for chunk in chunks:
             r = call(size, n, chunk, device, args.threads)
+            if device.startswith("cuda"):
+                import torch
+                torch.cuda.empty_cache()  # hand back this case's blocks (an out-of-memory case's too)
             rows.append({"frames": n, "chunk": chunk, **r})
             cells = "out of memory | –" if r["oom"] else f"{r['seconds']:.2f} | {r['peak_extra_gb']:.2f}"
             print(f"| {n} | {r['T']} | {chunk or 'all'} | {cells} |", flush=True)
