@@ -14,12 +14,16 @@ torch.utils.flop_counter counts them); tests/test_limits.py checks them against 
     large sum (bytes read per second). Decoding one token reads every decoder weight and the whole KV cache once.
   * gemv: one token through a large linear layer (M = 1), weight bytes per second: the BLAS kernel every decode
     step runs; on a CPU it may stream well below the copy bandwidth.
+  * page faults: the minor faults of one encode, pages touched for the first time (glibc hands blocks over its
+    mmap threshold back to the kernel on free, so a large new tensor faults in again: set MALLOC_MMAP_MAX_=0 and a
+    large MALLOC_TRIM_THRESHOLD_, or preload a caching allocator, to keep them).
   * matmul: a square n x n @ n x n product in the model's dtype, 2 n^3 FLOPs. Prefill, the encode and the
     hypernetwork are almost all matmuls, so this is their ceiling on this machine.
 """
 from __future__ import annotations
 
 import argparse
+import resource
 import statistics
 import sys
 import time
@@ -49,6 +53,15 @@ def _seconds(fn, device, repeats: int) -> list[float]:
         sync(device)
         times.append(time.perf_counter() - t0)
     return times
+
+
+def timed(fn, device="cpu") -> float:
+    """Seconds of one call, no warm-up."""
+    sync(device)
+    t0 = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - t0
 
 
 def copy_bandwidth(device="cpu", nbytes: int = 1 << 30, repeats: int = 3) -> dict[str, float]:
@@ -232,8 +245,15 @@ def main(argv=None):
         with torch.no_grad():
             enc = lambda: vlm(ids, pixels.to(dtype), output_hidden_states=True, logits="none")  # noqa: E731
             enc()
+            faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+            seconds = timed(enc)
+            faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
             ops = op_profile(enc)
             print(profile_markdown(f"{name} VLM encode", ops, encode_flops(cfg, args.frames, T), peak))
+            # Pages touched for the first time fault into the process; glibc returns freed blocks over its mmap
+            # threshold to the kernel, so each large new tensor faults again (MALLOC_MMAP_MAX_=0 keeps them).
+            print(f"{name} VLM encode unprofiled: {seconds:.2f} s, {faults:,} minor page faults "
+                  f"({faults * resource.getpagesize() / 1e9:.1f} GB first touched)\n")
             hidden = torch.stack(enc().hidden_states, dim=1)
             amp = None if dtype == torch.float32 else dtype
             hyp = lambda: hyper(hidden, layer_chunk=8, amp_dtype=amp)  # noqa: E731
