@@ -163,8 +163,8 @@ def prefill_video(vlm, prefix_ids, pixels, room: int) -> M.KVCache:
 
 
 @torch.no_grad()
-def ask_kept(vlm, cache: M.KVCache, prefix_len: int, question_ids, max_new_tokens: int = 1, on_token=None,
-             lora=None, alpha: float = 128.0) -> tuple[list[int], torch.Tensor]:
+def ask_kept(vlm, cache: M.KVCache, prefix_len: int, question_ids, max_new_tokens: int = 1,
+             on_token=None) -> tuple[list[int], torch.Tensor]:
     """Answer greedily from a kept video cache: cut it back to the prefix (an earlier question and its answer sit in
     the slots after it; the new tokens overwrite them and the attention never reads past cache.length), prefill only
     the question's (1, Q) tokens, then decode. The cache's positions continue the prefix's, as in a full re-read.
@@ -173,7 +173,7 @@ def ask_kept(vlm, cache: M.KVCache, prefix_len: int, question_ids, max_new_token
         raise ValueError(f"the cache holds {cache.length} of {cache.k.shape[3]} slots: no room for a "
                          f"{question_ids.shape[1]}-token question after a {prefix_len}-token prefix")
     cache.length = prefix_len
-    out = vlm(question_ids, cache=cache, lora=lora, lora_alpha=alpha, logits="last")
+    out = vlm(question_ids, cache=cache, logits="last")
     tokens, logits = [], []
     for step in range(max_new_tokens):
         logits.append(out.logits[0, -1])
@@ -182,7 +182,7 @@ def ask_kept(vlm, cache: M.KVCache, prefix_len: int, question_ids, max_new_token
         if on_token is not None:
             on_token(nxt)
         if step < max_new_tokens - 1:
-            out = vlm(nxt[:, None], cache=cache, lora=lora, lora_alpha=alpha, logits="last")
+            out = vlm(nxt[:, None], cache=cache, logits="last")
     return torch.cat(tokens).tolist(), torch.stack(logits)
 
 
