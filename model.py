@@ -279,6 +279,7 @@ class KVCache:
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.mask = torch.zeros(batch, max_len, dtype=torch.bool, device=device)
         self.length = 0  # slots filled so far
+        self.padded = False  # whether a filled slot may be padding (then every step checks the mask)
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         """Write this step's (B, Hkv, T, hd) keys and values; return all of them so far."""
@@ -385,7 +386,12 @@ def _attention_mask(cache: KVCache | None, attention_mask, B: int, T: int, devic
     else:
         full = new
     positions = (full.long().cumsum(-1) - 1).clamp(min=0)[:, past:]
-    if bool(full.all()) and (past == 0 or T == 1):
+    # No (B, T) mask and no padding cached before: every slot is real, known without reading the mask on the
+    # device (a GPU sync, and a graph break under torch.compile, at every decode step otherwise).
+    dense = (attention_mask is None and (cache is None or not cache.padded)) or bool(full.all())
+    if cache is not None:
+        cache.padded = not dense
+    if dense and (past == 0 or T == 1):
         return positions, None  # no padding: causal (or, for one new token, nothing) suffices
     q_idx = torch.arange(past, past + T, device=device)[:, None]
     k_idx = torch.arange(past + T, device=device)[None, :]

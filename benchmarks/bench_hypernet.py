@@ -1,11 +1,17 @@
-"""Hypernetwork forward at the 500M shape on CPU: time and peak memory, all layers at once vs layer chunks.
+"""Hypernetwork forward at a released shape: time and peak memory, all layers at once vs layer chunks.
 
-    python benchmarks/bench_hypernet.py            # 12 and 64 frames (T = 900, 4300), ~5 min on 2 cores
-    python benchmarks/bench_hypernet.py --quick    # 12 frames only, ~1 min
+    python benchmarks/bench_hypernet.py                           # 500M, 12 and 64 frames, CPU (~5 min on 2 cores)
+    python benchmarks/bench_hypernet.py --quick                   # 12 frames only, ~1 min
+    python benchmarks/bench_hypernet.py --device cuda --frames 1024 --chunks all,8,4,1   # the GPU report's case
+    python benchmarks/bench_hypernet.py --smoke                   # a tiny shape on the CPU (seconds)
 
-Each case runs in a fresh process. "peak extra" is the highest resident memory seen while the forward runs
-(sampled every 5 ms) minus the resident memory just before it, i.e. the activations, with the 0.5 GB of weights
-and the input already counted out. Inputs are random: the cost of the forward does not depend on the values.
+The input is what the VLM hands over for an internalization prompt of that many frames, (1, L, T, D) hidden states
+in the base model's dtype (fp32 on a CPU, bf16 on CUDA) with T = frames x (tokens per frame + 13 text tokens) + 45
+(the real layout: 8 frames -> 659 tokens, 64 -> 4977 at 500M). Values are random: the cost does not depend on them.
+"peak extra" is the memory the forward adds on top of its weights and input: on a CPU the highest resident set
+seen (sampled every 5 ms, each case in a fresh process) minus the resident set just before; on CUDA
+torch.cuda.max_memory_allocated minus the memory allocated before. On CUDA the perceiver runs under bf16 autocast
+(hypernet.py's "auto"), as in training and internalize.py. A case that runs out of memory is reported as such.
 """
 from __future__ import annotations
 
@@ -19,9 +25,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-# 500M text backbone (method.md §1): D = 960, L = 32, d_ff = 2560. 64 tokens per frame plus ~130 tokens of
-# chat template, timestamps and instruction, hence T ~ 900 at 12 frames and ~ 4300 at 64.
-FRAMES_TO_T = {12: 900, 64: 4300}
+
+def prompt_tokens(image_seq_len: int, frames: int) -> int:
+    """Internalization prompt length: per frame its image tokens and ~13 text tokens ("Frame from MM:SS:" and the
+    image markers), plus ~45 for the chat template, the video's intro and the instruction."""
+    return frames * (image_seq_len + 13) + 45
 
 
 def rss_bytes() -> int:
@@ -29,61 +37,106 @@ def rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def run_case(T: int, layer_chunk: int | None, amp: str | None, threads: int | None) -> dict:
-    """Build the 500M-shape hypernetwork, run one no-grad forward over (1, L, T, D); report time and memory."""
+def run_case(size: str, frames: int, layer_chunk: int | None, device: str, threads: int | None) -> dict:
+    """Build the hypernetwork at the `size` shape ("tiny": bench_ttft's toy one), run one no-grad forward over
+    (1, L, T, D); report seconds and peak extra memory (GB), or {"oom": True}."""
     import torch
 
-    from hypernet import HyperConfig, HyperNet
-    from model import preset_config
+    import model as M
+    from bench_ttft import TINY_HYPER, random_hypernet
 
     if threads:
         torch.set_num_threads(threads)
-    torch.manual_seed(0)
-    net = HyperNet(HyperConfig.for_model(preset_config("500M"))).eval()
-    h = torch.randn(1, net.config.num_layers, T, net.config.hidden_size)  # (B, L, T, D)
-    mask = torch.ones(1, T, dtype=torch.long)
-    base, peak, done = rss_bytes(), [0], threading.Event()
+    if size == "tiny":
+        from bench_parity import smoke_config
+        cfg, overrides = smoke_config(), TINY_HYPER
+    else:
+        cfg, overrides = M.preset_config(size), {}
+    dev = torch.device(device)
+    hyper = random_hypernet(cfg, 0, dev, **overrides)
+    T = prompt_tokens(cfg.image_seq_len, frames)
+    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32  # the base model's dtype hands these over
+    try:
+        h = torch.randn(1, cfg.text.num_hidden_layers, T, cfg.text.hidden_size, device=dev, dtype=dtype)
+    except torch.OutOfMemoryError:
+        return {"T": T, "oom": True}
+    peak, done = [0], threading.Event()
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+        torch.cuda.reset_peak_memory_stats(dev)
+        base = torch.cuda.memory_allocated(dev)
+    else:
+        base = rss_bytes()
 
-    def sample():  # RSS sampler: torch's CPU allocator hands memory back to the OS, so RSS tracks live tensors
-        while not done.is_set():
-            peak[0] = max(peak[0], rss_bytes())
-            time.sleep(0.005)
+        def sample():  # torch's CPU allocator hands large blocks back to the OS, so RSS tracks live tensors
+            while not done.is_set():
+                peak[0] = max(peak[0], rss_bytes())
+                time.sleep(0.005)
 
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
+        threading.Thread(target=sample, daemon=True).start()
     t0 = time.perf_counter()
-    with torch.no_grad():
-        A, B = net(h, mask, layer_chunk=layer_chunk, amp_dtype=getattr(torch, amp) if amp else None)["down_proj"]
+    try:
+        with torch.no_grad():
+            lora = hyper(h, layer_chunk=layer_chunk)
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+    except torch.OutOfMemoryError:
+        return {"T": T, "oom": True}
+    finally:
+        done.set()
     seconds = time.perf_counter() - t0
-    done.set()
-    sampler.join()
-    assert A.shape == (1, 32, 32, 2560) and B.shape == (1, 32, 32, 960)
-    return dict(seconds=seconds, peak_extra_gb=(peak[0] - base) / 2**30, rss_before_gb=base / 2**30)
+    A, B = lora[hyper.config.targets[-1]]
+    assert A.shape[:2] == (1, cfg.text.num_hidden_layers) and B.shape[:2] == A.shape[:2]
+    top = torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else peak[0]
+    return {"T": T, "seconds": seconds, "peak_extra_gb": (top - base) / 2**30, "oom": False}
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="12 frames only (about a minute)")
-    ap.add_argument("--frames", type=int, nargs="+", choices=sorted(FRAMES_TO_T), help="frame counts to run")
-    ap.add_argument("--layer-chunk", type=int, default=4, help="layers per chunk for the chunked runs (default 4)")
-    ap.add_argument("--amp", choices=["bfloat16"], default=None, help="bf16 autocast for the perceiver")
+def main(argv=None) -> list[dict]:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--size", default="500M", choices=["256M", "500M", "2.2B"])
+    ap.add_argument("--frames", type=int, nargs="+", help="frame counts to run (default 12 64)")
+    ap.add_argument("--chunks", default="all,4", help="layer chunks to compare, 'all' = every layer at once")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    ap.add_argument("--quick", action="store_true", help="12 frames only (about a minute)")
+    ap.add_argument("--smoke", action="store_true", help="a tiny shape on the CPU, 2 frames")
     args = ap.parse_args(argv)
-    if not 1 <= args.layer_chunk <= 32:
-        raise SystemExit("error: --layer-chunk must be between 1 and 32 (the 500M model has 32 layers)")
-    frames = args.frames or ([12] if args.quick else [12, 64])
-    ctx = mp.get_context("spawn")  # a fresh process per case, so one case's memory never shows in the next
-    print(f"hypernet forward, 500M shape (L=32, D=960), B=1, no grad, CPU, "
-          f"{'bf16 autocast' if args.amp else 'fp32'}, {os.cpu_count()} cores")
-    print(f"{'frames':>6} {'T':>5} {'layer_chunk':>11} {'time s':>7} {'peak extra GB':>13}")
-    for n in frames:
-        for chunk in (None, args.layer_chunk):
+    try:
+        chunks = [None if c == "all" else int(c) for c in args.chunks.split(",")]
+    except ValueError:
+        raise SystemExit("error: --chunks takes 'all' or layer counts, comma-separated (e.g. all,8,4)")
+    if any(c is not None and c < 1 for c in chunks):
+        raise SystemExit("error: a layer chunk must be at least 1")
+    size, device = ("tiny", "cpu") if args.smoke else (args.size, args.device)
+    frames = [2] if args.smoke else args.frames or ([12] if args.quick else [12, 64])
+    if device.startswith("cuda") or args.smoke:
+        import torch
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise SystemExit("error: --device cuda but no CUDA device is available")
+        name = torch.cuda.get_device_name(device) if device.startswith("cuda") else "CPU"
+        call = lambda *a: run_case(*a)  # noqa: E731  (in process: the CUDA peak counter is reset per case)
+    else:
+        name = f"CPU, {os.cpu_count()} cores"
+        ctx = mp.get_context("spawn")  # a fresh process per case, so one case's memory never shows in the next
+
+        def call(*a):
             with ctx.Pool(1) as pool:
-                r = pool.apply(run_case, (FRAMES_TO_T[n], chunk, args.amp, args.threads))
-            print(f"{n:>6} {FRAMES_TO_T[n]:>5} {str(chunk or 'all'):>11} {r['seconds']:>7.1f} "
-                  f"{r['peak_extra_gb']:>13.2f}", flush=True)
-    return 0
+                return pool.apply(run_case, a)
+    print(f"hypernet forward, {size} shape, B=1, no grad, {name}, "
+          f"{'bf16 autocast, bf16 input' if device.startswith('cuda') else 'fp32'}\n")
+    print("| frames | tokens T | layer chunk | seconds | peak extra GB |\n|---|---|---|---|---|")
+    rows = []
+    for n in frames:
+        for chunk in chunks:
+            r = call(size, n, chunk, device, args.threads)
+            if device.startswith("cuda"):
+                import torch
+                torch.cuda.empty_cache()  # hand back this case's blocks (an out-of-memory case's too)
+            rows.append({"frames": n, "chunk": chunk, **r})
+            cells = "out of memory | –" if r["oom"] else f"{r['seconds']:.2f} | {r['peak_extra_gb']:.2f}"
+            print(f"| {n} | {r['T']} | {chunk or 'all'} | {cells} |", flush=True)
+    return rows
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -1,4 +1,5 @@
-"""model.py vs transformers on the same random weights at a real shape: prefill and decode speed, peak memory.
+"""model.py vs transformers on the same random weights at a real shape: prefill and decode speed, peak memory,
+and both against what the machine allows.
 
     python benchmarks/bench_model.py                 # 500M shape, 12 frames, fp32 and bf16
     python benchmarks/bench_model.py --quick         # 2 frames, fewer decode tokens
@@ -6,6 +7,11 @@
 Each (implementation, dtype) runs in its own process, so peak memory (max RSS) is that implementation's alone;
 both load the same safetensors checkpoint written once to --workdir. Ratios are ours / transformers: below 1.0
 means ours is faster or smaller.
+
+The timing process also measures, in every round beside the two implementations (benchmarks/limits.py): the copy
+bandwidth, the bandwidth a BLAS gemv streams (one token through a large linear layer) and a large matmul's FLOP/s.
+Decoding is memory-bound: a token reads every decoder weight and the KV cache once, so its bound is bandwidth /
+bytes per token. Prefill is compute-bound: its achieved FLOP/s (analytic count) is set against the matmul's.
 """
 from __future__ import annotations
 
@@ -23,6 +29,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 import model as M  # noqa: E402
+import limits  # noqa: E402  (benchmarks/ is this script's own folder, first on sys.path)
 
 
 def prompt_ids(cfg: M.SmolVLMConfig, frames: int, text_tokens: int = 40) -> torch.Tensor:
@@ -65,6 +72,7 @@ def worker(args) -> dict:
     pixels = (torch.rand(args.frames, 3, cfg.vision.image_size, cfg.vision.image_size) * 2 - 1).to(dtype)
     prefill = {impl: [] for impl in impls}
     decode = {impl: [] for impl in impls}
+    machine = {"copy": [], "read": [], "gemv": [], "matmul": []}
     with torch.no_grad():
         for rep in range(args.repeats + 1):  # the first round is warm-up and is not counted
             for impl, model in models.items():
@@ -78,9 +86,21 @@ def worker(args) -> dict:
                 if rep:
                     prefill[impl].append(t1 - t0)
                     decode[impl].append(args.decode_tokens / decode_s)
-    return {"tokens": ids.shape[1], "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
-            **{impl: {"prefill_s": statistics.median(prefill[impl]), "decode_tok_s": statistics.median(decode[impl])}
-               for impl in impls}}
+            if rep and not args.memory:  # the machine, in the same rounds (never in a memory run: 2 GiB of buffers)
+                for k, v in limits.copy_bandwidth(repeats=1).items():
+                    machine[k].append(v)
+                machine["gemv"].append(limits.gemv_bandwidth(dtype, repeats=1))
+                machine["matmul"].append(limits.matmul_flops(dtype, repeats=1))
+    out = {"tokens": ids.shape[1], "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+           **{impl: {"prefill_s": statistics.median(prefill[impl]), "decode_tok_s": statistics.median(decode[impl])}
+              for impl in impls}}
+    if not args.memory:
+        vlm = models["ours"]
+        ctx = 64 + args.decode_tokens // 2  # decode runs after a 64-token prompt: the cache's mean length
+        out["machine"] = {k: statistics.median(v) for k, v in machine.items()}
+        out["prefill_flops"] = sum(limits.encode_flops(cfg, args.frames, ids.shape[1], head_rows=1).values())
+        out["token_bytes"] = sum(limits.decode_bytes(vlm, ctx).values())
+    return out
 
 
 def run_decode(impl, model, ids, n) -> float:
@@ -145,6 +165,29 @@ def main(argv=None):
         print(f"| {dtype} | {o['prefill_s']:.2f} / {h['prefill_s']:.2f} (**{o['prefill_s'] / h['prefill_s']:.2f}**) "
               f"| {o['decode_tok_s']:.1f} / {h['decode_tok_s']:.1f} (**{h['decode_tok_s'] / o['decode_tok_s']:.2f}**) "
               f"| {o['peak_rss_gb']:.2f} / {h['peak_rss_gb']:.2f} (**{o['peak_rss_gb'] / h['peak_rss_gb']:.2f}**) |")
+    print(limits_table(rows, dtypes))
+
+
+def limits_table(rows: dict, dtypes: list[str]) -> str:
+    """Both implementations against the machine, measured in the same rounds."""
+    out = ["\nClose to the limit (same process, same rounds): decode against bandwidth (the higher of copy and read) / "
+           "bytes per token and against the gemv's rate / bytes per token; prefill against a 4096 x 4096 matmul in "
+           "the same dtype\n",
+           "| dtype | copy / read / gemv GB/s | GB per token | decode, of the bandwidth bound: ours / transformers "
+           "| of the gemv bound: ours / transformers | matmul GFLOP/s | prefill GFLOP/s: ours / transformers "
+           "| of matmul: ours / transformers |", "|---|---|---|---|---|---|---|---|"]
+    for dtype in dtypes:
+        r = rows[dtype]
+        m, b = r["machine"], r["token_bytes"]
+        o, h = r["ours"], r["transformers"]
+        bw = max(m["copy"], m["read"])
+        rate = {k: r["prefill_flops"] / x["prefill_s"] for k, x in (("o", o), ("h", h))}
+        out.append(f"| {dtype} | {m['copy'] / 1e9:.1f} / {m['read'] / 1e9:.1f} / {m['gemv'] / 1e9:.1f} | {b / 1e9:.3f} "
+                   f"| **{o['decode_tok_s'] * b / bw:.2f}** / {h['decode_tok_s'] * b / bw:.2f} "
+                   f"| **{o['decode_tok_s'] * b / m['gemv']:.2f}** / {h['decode_tok_s'] * b / m['gemv']:.2f} "
+                   f"| {m['matmul'] / 1e9:.1f} | {rate['o'] / 1e9:.1f} / {rate['h'] / 1e9:.1f} "
+                   f"| **{rate['o'] / m['matmul']:.2f}** / {rate['h'] / m['matmul']:.2f} |")
+    return "\n".join(out)
 
 
 if __name__ == "__main__":

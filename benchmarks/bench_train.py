@@ -2,18 +2,21 @@
 
     python benchmarks/bench_train.py               # batch 1, 12 frames, 1 step: ~5 min on 2 cores
     python benchmarks/bench_train.py --quick       # 4 frames: ~2 min on 2 cores
-    python benchmarks/bench_train.py --device cuda # bf16 base model, hypernet under bf16 autocast, as released
+    python benchmarks/bench_train.py --device cuda --steps 4   # bf16 base model, hypernet under bf16 autocast
+    python benchmarks/bench_train.py --smoke       # a tiny shape on the CPU, 2 steps (seconds)
 
 The step is train.sample_losses + backward + clip + AdamW, the code the CLI runs, on synthetic inputs shaped like
 a real batch: an internalization prompt of 12 frames x 64 image tokens plus ~130 text tokens (T ~ 900) and a
 text-only [prompt][answer] of 48 tokens, 24 of them labelled. Values do not change the cost, so no video is
 decoded and no checkpoint downloaded. CPU peak memory is the process's peak resident set (ru_maxrss: weights,
-optimizer state and activations together); CUDA reports torch.cuda.max_memory_allocated.
+optimizer state and activations together); CUDA reports torch.cuda.max_memory_allocated. The first step pays
+one-time costs (allocator growth, kernel selection): the summary is the median of the later ones when there are.
 """
 from __future__ import annotations
 
 import argparse
 import resource
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -47,7 +50,7 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def main(argv=None):
+def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--size", default="500M", choices=["256M", "500M", "2.2B"])
     p.add_argument("--batch", type=int, default=1)
@@ -56,21 +59,33 @@ def main(argv=None):
     p.add_argument("--layer-chunk", type=int, default=None)
     p.add_argument("--device", default="auto")
     p.add_argument("--quick", action="store_true", help="4 frames instead of 12")
+    p.add_argument("--smoke", action="store_true", help="a tiny shape on the CPU, 2 frames, 2 steps")
     args = p.parse_args(argv)
     if args.quick:
         args.frames = 4
-    device = M.pick_device(args.device)
+    overrides = {}
+    if args.smoke:
+        from bench_parity import smoke_config
+        from bench_ttft import TINY_HYPER
+
+        config, device, args.frames, args.steps, overrides = smoke_config(), torch.device("cpu"), 2, 2, TINY_HYPER
+    else:
+        config, device = M.preset_config(args.size), M.pick_device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    config = M.preset_config(args.size)
     torch.manual_seed(0)
     with torch.device(device):
         vlm = M.SmolVLM(config).to(dtype).eval().requires_grad_(False)
-        net = HyperNet(HyperConfig.for_model(config))
-    opt = torch.optim.AdamW(net.parameters(), lr=1e-4, weight_decay=0.01)
+        hyper = HyperNet(HyperConfig.for_model(config, **overrides))
+    opt = torch.optim.AdamW(hyper.parameters(), lr=1e-4, weight_decay=0.01)
     batch = synthetic_batch(config, args.batch, args.frames, device)
     T = batch["ctx_ids"].shape[1]
-    print(f"{args.size} on {device} ({torch.get_num_threads()} threads), {dtype}: batch {args.batch}, "
-          f"{args.frames} frames, T = {T}, hypernet {sum(p.numel() for p in net.parameters()) / 1e6:.1f}M params")
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    print(f"{'tiny' if args.smoke else args.size} shape, random weights, {name}, base {str(dtype)[6:]}"
+          f"{', hypernet under bf16 autocast' if device.type == 'cuda' else ''}: batch {args.batch}, {args.frames} "
+          f"frames, T = {T}, hypernet {sum(p.numel() for p in hyper.parameters()) / 1e6:.1f}M params, layer chunk "
+          f"{args.layer_chunk or 'all'}\n")
+    print("| step | seconds | of it the no-grad video encode | samples/s | loss |\n|---|---|---|---|---|")
+    steps = []
     for step in range(args.steps):
         sync(device)
         t0 = time.perf_counter()
@@ -78,20 +93,25 @@ def main(argv=None):
             vlm(batch["ctx_ids"], batch["pixel_values"], batch["ctx_mask"], output_hidden_states=True, logits="none")
         sync(device)
         t1 = time.perf_counter()
-        ce, _ = train.sample_losses(vlm, net, batch, args.layer_chunk)
+        ce, _ = train.sample_losses(vlm, hyper, batch, args.layer_chunk)
         ce.mean().backward()
-        torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(hyper.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
         sync(device)
         t2 = time.perf_counter()
         encode, full = t1 - t0, t2 - t1
-        print(f"step {step + 1}: {full:.1f} s per step ({encode:.1f} s of it the no-grad video encode; "
-              f"{full - encode:.1f} s hypernet + text-only forward/backward + AdamW), loss {ce.mean().item():.3f}")
+        steps.append(full)
+        print(f"| {step + 1} | {full:.2f} | {encode:.2f} | {args.batch / full:.2f} | {ce.mean().item():.3f} |",
+              flush=True)
+    steady = statistics.median(steps[1:] or steps)
     if device.type == "cuda":
-        print(f"peak GPU memory: {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
+        peak = f"peak GPU memory {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB (max_memory_allocated)"
     else:
-        print(f"peak resident memory: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB")
+        peak = f"peak resident memory {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB"
+    print(f"\nstep time {steady:.2f} s ({'median of steps 2..' + str(args.steps) if len(steps) > 1 else 'one step'}),"
+          f" **{args.batch / steady:.2f} samples/s**; {peak}")
+    return {"step_s": steady, "samples_s": args.batch / steady}
 
 
 if __name__ == "__main__":
