@@ -137,6 +137,18 @@ def adapter_from_lora(lora: dict, rank: int, meta: dict) -> Adapter:
     return Adapter(ab, {**meta, "rank": rank, "generated_rank": rank, "bias_weight": 1.0})
 
 
+SPREAD = {"1": lambda n: 1.0, "1/n": lambda n: 1 / n, "1/sqrt(n)": lambda n: n ** -0.5}
+
+
+def spread_weights(rule: str, n: int) -> list[float]:
+    """One multiplier for each of n composed segments by a rule: "1" (plain concatenation, the paper's), "1/n" (the
+    segments' mean update) or "1/sqrt(n)" (in between; the toy world composes 4 and 8 segments best with it,
+    toy/README.md)."""
+    if rule not in SPREAD:
+        raise ValueError(f"segment weights must be one of {', '.join(SPREAD)}, got {rule!r}")
+    return [SPREAD[rule](n)] * n
+
+
 def concat_adapters(adapters: list[Adapter], weights=None, bias_weight: float = 1.0, meta: dict | None = None) -> Adapter:
     """method.md §7: A = [w_1 A_1; ...; w_n A_n; b A_bias], B = [B_1; ...; B_n; B_bias], so
     dW = alpha (sum_c w_c B_c^T A_c + b B_bias^T A_bias): segment updates add and the static part counts once.

@@ -2,6 +2,7 @@
 
     python compose.py a.safetensors b.safetensors -o ab.safetensors
     python compose.py a.safetensors b.safetensors --weights 1,0.5 --bias-weight 1 -o ab.safetensors
+    python compose.py seg*.safetensors --weights "1/sqrt(n)" -o all.safetensors   # many segments, each scaled
     python compose.py ab.safetensors --to-peft ab-peft/        # adapter_config.json + adapter_model.safetensors
     python compose.py ab.safetensors --to-peft ab-peft/ --model my-base/   # an adapter of a local base model
 
@@ -22,17 +23,19 @@ import argparse
 import math
 from pathlib import Path
 
-from adapter import (AdapterError, ArgumentParser, check_output, concat_adapters, export_peft, finite, folder_facts,
-                     load_adapter, peft_base, run_cli, save_adapter)
+from adapter import (SPREAD, AdapterError, ArgumentParser, check_output, concat_adapters, export_peft, finite,
+                     folder_facts, load_adapter, peft_base, run_cli, save_adapter, spread_weights)
 
 
 def parse_weights(text: str | None, n: int) -> list[float] | None:
     if text is None:
         return None
+    if text in SPREAD:   # a rule: the same multiplier for every adapter
+        return spread_weights(text, n)
     try:
         weights = [float(w) for w in text.split(",")]
     except ValueError:
-        raise SystemExit(f"error: --weights wants comma-separated numbers, got {text!r}") from None
+        raise SystemExit(f"error: --weights wants comma-separated numbers, 1/n or 1/sqrt(n), got {text!r}") from None
     if len(weights) != n:
         raise SystemExit(f"error: --weights has {len(weights)} values for {n} adapters")
     if not all(map(math.isfinite, weights)):
@@ -45,7 +48,8 @@ def parse_args(argv):
     p.add_argument("adapters", nargs="+", help="adapter files made by internalize.py (or compose.py)")
     p.add_argument("-o", "--out", default=None, help="composed adapter file")
     p.add_argument("--force", action="store_true", help="overwrite existing files that are not adapters")
-    p.add_argument("--weights", default=None, help="one multiplier per adapter, e.g. 1,0.5 (default all 1)")
+    p.add_argument("--weights", default=None, help="one multiplier per adapter, e.g. 1,0.5, or a rule for all: 1/n or 1/sqrt(n) "
+                   "(default all 1; the toy world composes 4+ segments best with 1/sqrt(n))")
     p.add_argument("--bias-weight", type=finite, default=1.0,
                    help="multiplier of the static (video-independent) part")
     p.add_argument("--to-peft", default=None, metavar="DIR", help="also write the result as a PEFT LoRA folder")

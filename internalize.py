@@ -30,8 +30,8 @@ import torch
 
 import data
 import model as M
-from adapter import (Adapter, ArgumentParser, adapter_from_lora, base_facts, check_output, concat_adapters, finite,
-                     run_cli, save_adapter, sha256_file)
+from adapter import (SPREAD, Adapter, ArgumentParser, adapter_from_lora, base_facts, check_output, concat_adapters,
+                     finite, run_cli, save_adapter, sha256_file, spread_weights)
 from hypernet import (HyperNet, ReleaseError, compile_hypernet, fetch_hypernet, is_released_checkpoint, load_hypernet,
                       released_hypernet)
 
@@ -286,10 +286,11 @@ def _memory_check(m: Models, n_parts: int):
 
 def internalize(m: Models, video, start: float | None = None, end: float | None = None, segments: int | None = None,
                 segment_seconds: float | None = None, fps: float | None = None, timings: dict | None = None,
-                say=note, planned: Plan | None = None) -> Adapter:
+                say=note, planned: Plan | None = None, segment_weights: str = "1") -> Adapter:
     """A video -> its adapter. `video` is a file path, or the clip's frames as a (N, H, W, 3) uint8 array with their
     `fps`. The span [start, end) s (default: all of it) is cut into `segments` equal parts or parts of
     `segment_seconds`, each internalized on its own and stacked in rank space (method.md §7); one part by default.
+    `segment_weights` scales every part's update: "1" (plain, the paper's), "1/n" or "1/sqrt(n)" (adapter.SPREAD).
     `timings`, if given, collects seconds per phase; `say` receives one-line notes and hints (default: stderr).
     Raises data.DecodeError on a bad file, ValueError on a span, segmentation or prompt that cannot work."""
     timings = {} if timings is None else timings
@@ -321,7 +322,8 @@ def internalize(m: Models, video, start: float | None = None, end: float | None 
         say(f"hint: {p.source['video']} was read as one frame per {sparse:.0f} s; --segments {n} (or "
             f"--segment-seconds {window:g}) reads it at {m.proc.sample_fps:g} frame/s")
     timings.update(frames=n_frames, tokens=tokens, total=time.perf_counter() - t0)
-    return concat_adapters(parts, meta={"created_by": "internalize.py"})
+    weights = spread_weights(segment_weights, len(parts)) if len(parts) > 1 else None
+    return concat_adapters(parts, weights, meta={"created_by": "internalize.py"})
 
 
 # ------------------------------------------------------------------------------------------------ CLI
@@ -359,6 +361,9 @@ def parse_args(argv):
     seg = p.add_mutually_exclusive_group()
     seg.add_argument("--segments", type=int, default=None, help="cut the span into N equal segments and compose")
     seg.add_argument("--segment-seconds", type=finite, default=None, help="cut the span into S-second segments")
+    p.add_argument("--segment-weights", choices=list(SPREAD), default="1",
+                   help="scale each segment's update when composing: 1 (plain, the paper's), 1/n or 1/sqrt(n) "
+                        "(the toy world composes 4+ segments best with 1/sqrt(n), toy/README.md)")
     p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:1, ...")
     p.add_argument("--dtype", choices=["auto", "bf16", "fp16", "fp32"], default="auto",
                    help="base model weights (auto: bf16 on CUDA, fp32 on CPU); the hypernetwork stays fp32")
@@ -399,7 +404,7 @@ def main(argv=None):
     for video, out, p in zip(videos, outs, plans):
         timings = {}
         try:
-            adapter = internalize(m, video, timings=timings, planned=p)
+            adapter = internalize(m, video, timings=timings, planned=p, segment_weights=args.segment_weights)
         except data.DecodeError as e:
             raise SystemExit(f"error: {e}") from None
         save_adapter(out, adapter, save_dtype)

@@ -963,8 +963,8 @@ def check_numbers(args):
 def no_data(args):
     """What train.py needs, how to make it, and what the preset runs on: one block, exit 2."""
     size = args.size or "tiny"
-    lines = [f"error: train.py needs data to train on: --videos DIR (a folder of videos, or a raw manifest) or "
-             f"--train MANIFEST",
+    lines = ["error: train.py needs data to train on: --videos DIR (a folder of videos, or a raw manifest) or "
+             "--train MANIFEST",
              f"  the paper's whole recipe from videos: python train.py --size {size} --videos DIR",
              f"    (span rows and prompts, teacher answers, a split by video and training, all in {args.out})",
              "  the paper trained on FineVideo (HuggingFaceFV/finevideo, 43k YouTube videos with scene metadata):",

@@ -348,10 +348,11 @@ def bench_frames(s: Setup, clip_path: Path, requested: int, args) -> dict:
     q_ids = ctx_ids[:, P:]  # (1, Q): the question's own tokens after the kept video prefix
     n_dec, alpha = args.decode_tokens, s.hyper.config.alpha
     n = args.matmul_n or (8192 if device.type == "cuda" else 4096)  # the reference matmul, large enough for the peak
-    mat_a, mat_b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    held["mat"] = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
 
     def matmul():
-        mat_a @ mat_b
+        a, b = held["mat"]
+        a @ b
 
     def enc():
         held["hidden"] = encode(s.vlm, int_ids, pixels)
@@ -378,7 +379,7 @@ def bench_frames(s: Setup, clip_path: Path, requested: int, args) -> dict:
     # The heavy steps and the reference matmul round-robin, so a busy machine slows them alike.
     heavy = measure({"in_context": lambda: ttft(s.vlm, ctx_ids, pixels), "encode": enc, "hypernet": hyper,
                      "matmul": matmul}, **timing)
-    del held["hidden"], mat_a, mat_b
+    del held["hidden"], held["mat"]
     heavy |= measure({"kept_prefill": kept_prefill}, **{**timing, "repeats": 1})  # paid once per video
     heavy |= measure({"merge": merge}, **timing)
     heavy |= measure({"text": lambda: ttft(s.vlm, txt_ids),

@@ -21,6 +21,15 @@ from toy import world
 
 # A hypernetwork small enough for a test: 4 latents of width 32, 2 blocks, rank 4.
 TINY_PERCEIVER = dict(latent_size=32, n_latents=4, num_blocks=2, n_heads=4, head_dim=8, n_kv_heads=2, rank=4)
+# train.py's options for a hypernetwork small enough to train in seconds in a test.
+TINY_TRAIN_ARGS = ["--latent-size", "32", "--n-latents", "4", "--num-blocks", "1", "--n-heads", "2", "--head-dim", "16",
+                   "--n-kv-heads", "1", "--rank", "4", "--workers", "0"]
+
+
+def train_args(case, out, *extra, manifest="m.jsonl") -> list[str]:
+    """train.py's argv for a test case {"base": folder, "dir": folder holding the manifest}."""
+    return ["--model", str(case["base"]), "--train", str(case["dir"] / manifest), "--out", str(out),
+            *TINY_TRAIN_ARGS, *map(str, extra)]
 
 
 # ------------------------------------------------------------------------------------------------ clips

@@ -4,7 +4,7 @@ Clip notes: libx264 in yuv420p needs even sides, so odd sizes (17x900) are writt
 which also exercises a container that stores no frame count. Rotation is written as a display matrix
 (`set_display_rotation`), variable frame rate as explicit millisecond pts.
 """
-import fractions, json, types
+import json, types
 
 import av
 import numpy as np

@@ -11,7 +11,7 @@ import pytest
 
 import eval as ev
 from conftest import write_clip
-from toy import fidelity, world
+from toy import world
 
 
 def clips(folder, *names):

@@ -18,7 +18,7 @@ import internalize
 import model as M
 from toy import world
 from conftest import assert_one_line_error, write_random_base, write_random_hypernet
-from hypernet import HyperConfig, HyperNet, internalize as reference_internalize, load_hypernet, save_hypernet
+from hypernet import internalize as reference_internalize, load_hypernet
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -128,6 +128,18 @@ def test_segments_compose_and_weights(w, capsys):
         torch.testing.assert_close(wab.delta_weight("down_proj", layer), g1 + 0.5 * g2 + 0.25 * s1,
                                    atol=1e-5, rtol=1e-4)
     assert [s["weight"] for s in wab.meta["segments"]] == [1.0, 0.5] and wab.meta["bias_weight"] == 0.25
+
+    # A weighting rule: every segment scaled alike, by compose.py or by internalize.py --segments itself.
+    compose.main([str(w / "p1.safetensors"), str(w / "p2.safetensors"), "-o", str(w / "sab.safetensors"),
+                  "--weights", "1/sqrt(n)"])
+    run_internalize(w, "--segments", "2", "--segment-weights", "1/sqrt(n)", "-o", str(w / "sseg.safetensors"))
+    sab, sseg = adapter.load_adapter(w / "sab.safetensors"), adapter.load_adapter(w / "sseg.safetensors")
+    assert [s["weight"] for s in sab.meta["segments"]] == [s["weight"] for s in sseg.meta["segments"]] == [2 ** -0.5] * 2
+    for layer in range(2):
+        (g1, s1), (g2, _) = parts(p1, layer), parts(p2, layer)
+        for x in (sab, sseg):
+            torch.testing.assert_close(x.delta_weight("down_proj", layer), (g1 + g2) / 2 ** 0.5 + s1,
+                                       atol=1e-5, rtol=1e-4)
 
     (res,) = ask_json(capsys, w / "ab.safetensors", "What happens?", base=w / "base")
     assert res["mode"] == "adapter" and res["visual_tokens"] == 0 and res["new_tokens"] > 0

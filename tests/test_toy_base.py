@@ -323,7 +323,7 @@ def test_reproduce_sh_never_ships_an_interrupted_run_and_keys_the_hypernetwork_b
     """toy/reproduce.sh with every command faked (a `python` on PATH that writes what the real one would, or is
     stopped at one stage): a stage that exits 143 stops the script before checkpoints/tiny is touched; a full run
     ships base and hypernetwork together; a rebuilt base gets its own teacher targets and hypernetwork folder."""
-    import hashlib, os, shutil, subprocess
+    import os, shutil, subprocess
     from pathlib import Path
     repo = tmp_path / "repo"
     (repo / "toy").mkdir(parents=True)

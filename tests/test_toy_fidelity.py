@@ -1,8 +1,6 @@
 """toy/fidelity.py: the paired bootstrap and its verdicts, and one small run of the whole protocol on the
 shipped toy checkpoints (clips written on the fly, every condition and the composition table reported)."""
 import json
-import sys
-from pathlib import Path
 
 import numpy as np
 

@@ -1,9 +1,6 @@
 """toy/video_share.py: the share of the pooled hidden states that changes from clip to clip."""
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 

@@ -5,7 +5,6 @@ The clips are already at the encoder's 32-px side, so decoding does no resizing 
 import json, os, signal, subprocess, sys, time
 from pathlib import Path
 
-import av
 import numpy as np
 import pytest
 import torch
@@ -13,14 +12,12 @@ from safetensors.torch import load_file
 
 import data
 import model as M
-from conftest import write_learnable_base, write_square_clip
+from conftest import train_args, write_learnable_base, write_square_clip
 from toy.world import COLORS
 import train
 from hypernet import HyperNet, load_hypernet
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY_HYPER = ["--latent-size", "32", "--n-latents", "4", "--num-blocks", "1", "--n-heads", "2", "--head-dim", "16",
-              "--n-kv-heads", "1", "--rank", "4", "--workers", "0"]
 
 
 @pytest.fixture(scope="module")
@@ -41,9 +38,7 @@ def case(tmp_path_factory):
     return {"dir": d, "base": base, "rows": rows}
 
 
-def run_args(w, out, *extra, manifest="m.jsonl"):
-    return ["--model", str(w["base"]), "--train", str(w["dir"] / manifest), "--out", str(out), *TINY_HYPER,
-            *map(str, extra)]
+run_args = train_args
 
 
 def log(run: Path, key="ce") -> list[float]:
@@ -250,7 +245,7 @@ def test_hidden_state_cache_skips_the_vlm_and_changes_nothing(case, tmp_path):
     calls = []
     vlm.register_forward_hook(lambda *a: calls.append(1))
     full = rows.collate([rows[i] for i in range(4)])
-    H_full = cache.encode(vlm, full["ctx_ids"], full["ctx_pixels"], full["ctx_mask"], full["ctx_keys"])
+    cache.encode(vlm, full["ctx_ids"], full["ctx_pixels"], full["ctx_mask"], full["ctx_keys"])
     assert len(cache.store) == len(full["ctx_keys"]) == 4 + sum(map(rows.composed, rows.rows)) and len(calls) == 1
     for order in ([3, 1], [2, 0, 1]):  # other batches, other padding: served from the cache, same states
         b = rows.collate([rows[i] for i in order])

@@ -14,14 +14,12 @@ import model as M
 import train
 from adapter import base_facts
 from adapter import run_cli
-from conftest import write_learnable_base, write_square_clip
+from conftest import train_args, write_learnable_base, write_square_clip
 from hypernet import load_hypernet
 from toy import world
 from toy.world import COLORS
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ["--latent-size", "32", "--n-latents", "4", "--num-blocks", "1", "--n-heads", "2", "--head-dim", "16",
-        "--n-kv-heads", "1", "--rank", "4", "--workers", "0"]
 
 
 @pytest.fixture(scope="module")
@@ -42,9 +40,7 @@ def case(tmp_path_factory):
     return {"dir": d, "base": base, "other": other, "rows": rows}
 
 
-def args(w, out, *extra, manifest="m.jsonl"):
-    return ["--model", str(w["base"]), "--train", str(w["dir"] / manifest), "--out", str(out), *TINY,
-            *map(str, extra)]
+args = train_args
 
 
 def snapshot(folder: Path) -> dict[str, str]:
