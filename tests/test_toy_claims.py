@@ -40,12 +40,17 @@ def test_error_kind_names_what_is_wrong():
 
 
 def test_upweight_repeats_rows_of_a_kind_with_new_ids(tmp_path):
-    rows = [{"id": "a", "kind": "color"}, {"id": "b", "kind": "caption"}, {"id": "c", "kind": "count"}]
+    one, two = {"objects": [{}]}, {"objects": [{}, {}]}
+    rows = [{"id": "a", "kind": "color", "spec": two}, {"id": "b", "kind": "caption", "spec": two},
+            {"id": "c", "kind": "count", "spec": one}, {"id": "d", "kind": "caption", "spec": one}]
     (tmp_path / "in.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    assert captions.upweight(tmp_path / "in.jsonl", tmp_path / "out.jsonl", 3) == (3, 5)
+    assert captions.upweight(tmp_path / "in.jsonl", tmp_path / "out.jsonl", 3) == (4, 8)
     out = [json.loads(x) for x in (tmp_path / "out.jsonl").read_text().splitlines()]
-    assert [r["id"] for r in out] == ["a", "b", "b#2", "b#3", "c"]
+    assert [r["id"] for r in out] == ["a", "b", "b#2", "b#3", "c", "d", "d#2", "d#3"]
     assert all(r["kind"] == "caption" for r in out[1:4])
+    assert captions.upweight(tmp_path / "in.jsonl", tmp_path / "two.jsonl", 2, objects=2) == (4, 5)
+    assert [json.loads(x)["id"] for x in (tmp_path / "two.jsonl").read_text().splitlines()] == ["a", "b", "b#2",
+                                                                                                "c", "d"]
 
 
 # ------------------------------------------------------------------------------------------------ clips

@@ -108,16 +108,17 @@ def caption_report(rows: list[dict], names: list[str], delta: float = 0.05) -> t
     return "\n".join(lines), {"by_condition": result, "verdicts": verdicts, "clips": len(rows)}
 
 
-def upweight(src: Path, dst: Path, times: int, kind: str = "caption") -> tuple[int, int]:
+def upweight(src: Path, dst: Path, times: int, kind: str = "caption", objects: int | None = None) -> tuple[int, int]:
     """Copy a training manifest with every row of `kind` written `times` times (the copies' ids get "#2", "#3",
     ... so that caches and the composition hash tell them apart): the rows of that kind weigh `times` as much in
-    every epoch, with no change to train.py. Returns (rows in, rows out)."""
+    every epoch, with no change to train.py. `objects`: only rows of clips with that many objects. Returns (rows
+    in, rows out)."""
     lines = [ln for ln in src.read_text().splitlines() if ln.strip()]
     out = []
     for ln in lines:
         out.append(ln)
         row = json.loads(ln)
-        if row.get("kind") == kind:
+        if row.get("kind") == kind and (objects is None or len(row["spec"]["objects"]) == objects):
             out += [json.dumps({**row, "id": f"{row['id']}#{k}"}) for k in range(2, times + 1)]
     dst.parent.mkdir(parents=True, exist_ok=True)
     dst.write_text("".join(x + "\n" for x in out))
@@ -133,11 +134,13 @@ def main(argv=None):
         p.add_argument("dst", type=Path)
         p.add_argument("--times", type=int, default=3)
         p.add_argument("--kind", default="caption")
+        p.add_argument("--objects", type=int, default=None, help="only rows of clips with this many objects")
         a = p.parse_args(argv[1:])
         if not a.src.is_file() or a.times < 1:
             raise SystemExit(f"error: {a.src} is not a file" if not a.src.is_file() else "error: --times must be >= 1")
-        n_in, n_out = upweight(a.src, a.dst, a.times, a.kind)
-        print(f"wrote {a.dst}: {n_in} rows -> {n_out} ({a.kind} rows x{a.times})")
+        n_in, n_out = upweight(a.src, a.dst, a.times, a.kind, a.objects)
+        which = f" of {a.objects}-object clips" if a.objects else ""
+        print(f"wrote {a.dst}: {n_in} rows -> {n_out} ({a.kind} rows{which} x{a.times})")
         return
     from toy import fidelity
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
