@@ -15,13 +15,14 @@ def test_fidelity_runs_the_protocol_end_to_end(tmp_path, capsys):
     conditions = {"in context", "adapter", "text only", "other clip's adapter"}
     assert set(result["accuracy"]) == conditions
     for acc in result["accuracy"].values():
-        assert set(acc) == {"color", "shape", "direction", "count", "caption", "overall"}
+        assert set(acc) == {"color", "shape", "direction", "count", "caption", "caption_token_f1", "overall"}
         assert all(0 <= v <= 1 for v in acc.values())
     v = result["verdict"]
     assert v["ci"][0] <= v["delta"] <= v["ci"][1] and v["equivalent"] <= v["non_inferior"]
     comp = {"in context", "whole-clip adapter", "composed halves", "own half's adapter"}
     assert set(result["composition"]) == comp | {"per_kind"} and set(result["composition"]["per_kind"]) == comp
     assert "| **overall (QA kinds)** |" in report and "| two-part clips |" in report
+    assert "| caption (token F1) | 6 |" in report
     assert "6 held-out clips" in report and "2 two-part clips" in report
     assert "| direction | 4 |" in report  # one direction question per object: 2 clips x 2 objects
     assert "| clips by | bin | questions | in context | adapter |" in report and set(result["by_range"]) == set(F.RANGES)

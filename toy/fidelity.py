@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
@@ -27,6 +26,7 @@ from adapter import ArgumentParser, adapter_from_lora, base_facts, concat_adapte
 from eval import paired_bootstrap, verdicts
 from hypernet import internalize, load_hypernet
 from toy import world
+from toy.captions import token_f1
 
 CHANCE = {"color": 1 / 4, "shape": 1 / 3, "direction": 1 / 4, "count": 1 / 2}
 QA_KINDS = tuple(CHANCE)
@@ -102,7 +102,8 @@ def fidelity(vlm, hyper, proc, clips, delta: float, ablation=None) -> tuple[str,
     if ablation is not None:
         abl = adapters(vlm, ablation, proc, [c["clip"] for c in clips])
         conditions["caption-only hypernet"] = [(q, None, abl[i]) for _, q, _, i in qs]
-    hits = score(conditions, [a for _, _, a, _ in qs], vlm, proc, hyper.config.alpha)
+    texts = {name: answers(vlm, proc, items, hyper.config.alpha) for name, items in conditions.items()}
+    hits = {name: np.array([world.score(a, e) for a, (_, _, e, _) in zip(t, qs)]) for name, t in texts.items()}
     kinds = np.array([k for k, *_ in qs])
     qa = np.isin(kinds, QA_KINDS)
     names = list(conditions)
@@ -111,6 +112,10 @@ def fidelity(vlm, hyper, proc, clips, delta: float, ablation=None) -> tuple[str,
         sel = kinds == kind
         cells = " | ".join(f"{hits[n][sel].mean():.3f}" for n in names)
         lines.append(f"| {kind} | {sel.sum()} | {cells} | {CHANCE.get(kind, 0):.2f} |")
+    f1 = {n: np.mean([token_f1(t, qs[i][2]) for i, t in enumerate(texts[n]) if kinds[i] == "caption"])
+          for n in names}  # SQuAD's token F1, the paper's caption metric (toy/captions.py)
+    lines.append(f"| caption (token F1) | {(kinds == 'caption').sum()} | "
+                 + " | ".join(f"{f1[n]:.3f}" for n in names) + " | 0.00 |")
     lines.append(f"| **overall (QA kinds)** | {qa.sum()} | "
                  + " | ".join(f"**{hits[n][qa].mean():.3f}**" for n in names) + " | |")
     d, lo, hi = paired_bootstrap(hits["adapter"][qa], hits["in context"][qa])   # eval.py's statistics
@@ -120,7 +125,7 @@ def fidelity(vlm, hyper, proc, clips, delta: float, ablation=None) -> tuple[str,
                  f"non-inferior at delta={delta}: {'yes' if verdict['non_inferior'] else 'NO'}; "
                  f"equivalent: {'yes' if verdict['equivalent'] else 'NO'}")
     result = {n: {k: float(hits[n][kinds == k].mean()) for k in (*QA_KINDS, "caption")} | {
-        "overall": float(hits[n][qa].mean())} for n in names}
+        "caption_token_f1": float(f1[n]), "overall": float(hits[n][qa].mean())} for n in names}
     ranges, by = by_range([clips[i]["spec"] for (_, _, _, i), keep in zip(qs, qa) if keep],
                           {n: hits[n][qa] for n in ("in context", "adapter")})
     lines.append(f"\nQA kinds by where the clip lies in the spec's ranges:\n\n{ranges}")

@@ -18,7 +18,6 @@ clips, learns each object attribute from up to --probe-clips training clips and 
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import torch

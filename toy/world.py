@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import os
 import string
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import av
@@ -182,6 +182,64 @@ def clip_spec(split: str, index: int, two_part: bool | None = None) -> ClipSpec:
     if split not in SPLITS or not 0 <= index < SPLIT_SIZE:
         raise ValueError(f"no clip {index} in split {split!r}: splits {sorted(SPLITS)}, indices 0..{SPLIT_SIZE - 1}")
     return sample_clip(SPLITS[split] + index, two_part=two_part)
+
+
+# ---------------------------------------------------------------- clips past the training ranges (toy/sweep.py, toy/segments.py)
+
+
+def rescaled(spec: ClipSpec, longest: int) -> ClipSpec:
+    """The same clip at another frame size: its longer side `longest` px, the aspect kept (sides even, for H.264),
+    objects and their paths scaled with the frame. Frames past the spec's 256 px test what the encoder's resize does."""
+    s = longest / max(spec.width, spec.height)
+    w, h = (max(2, 2 * round(v * s / 2)) for v in (spec.width, spec.height))
+    sx, sy = w / spec.width, h / spec.height
+    objects = tuple(replace(o, size=max(1, int(o.size * min(sx, sy))), x=o.x * sx, y=o.y * sy) for o in spec.objects)
+    return replace(spec, width=w, height=h, objects=objects)
+
+
+def retimed(spec: ClipSpec, fps: int) -> ClipSpec:
+    """The same motion at another frame rate: the same duration (to a frame), `fps` frames a second. Positions are
+    a fraction of each object's visible frames, so every path is the same; only how finely it is cut changes."""
+    return replace(spec, fps=fps, n_frames=max(2, round(spec.duration * fps)))
+
+
+@dataclass(frozen=True)
+class PartsSpec(ClipSpec):
+    """A clip in len(objects) equal parts, objects[k] alone in part k: frames [k N / n, (k + 1) N / n). The
+    two-part clip generalised; an object listed twice makes its trip again in its second part."""
+
+    def visible(self, k: int) -> range:
+        n = len(self.objects)
+        return range(k * self.n_frames // n, (k + 1) * self.n_frames // n)
+
+
+def sample_parts(seed: int, n_parts: int) -> PartsSpec:
+    """An n-part clip: parts of 2-4 s each (a two-part clip's halves are 1-4 s), min(n, 4) objects of different
+    colours (and different shapes while there are at most 3), object k % 4 alone in part k. Same seed, same clip."""
+    rng = np.random.default_rng([seed, n_parts])
+    w, h = _sample_frame(rng)
+    fps = int(rng.integers(4, 31))
+    m = min(n_parts, len(COLORS))
+    colors = [str(c) for c in rng.permutation(list(COLORS))[:m]]
+    shapes = [str(s) for s in rng.permutation(list(SHAPES))] + [str(s) for s in rng.choice(SHAPES, m)]
+    objects = [_sample_object(rng, w, h, c, s) for c, s in zip(colors, shapes[:m])]
+    part = int(round(float(rng.uniform(2, 4)) * fps))
+    return PartsSpec(w, h, fps, n_parts * part, tuple(objects[k % m] for k in range(n_parts)), seed=seed)
+
+
+def parts_questions(spec: PartsSpec) -> list[tuple[str, str, str, list[int]]]:
+    """(kind, prompt, answer, parts that show its object) for every question with one right answer in the clip:
+    the shape of each object (colours differ), its colour and direction when no other object has its shape."""
+    distinct = list(dict.fromkeys(spec.objects))
+    out = []
+    for o in distinct:
+        shown = [k for k, x in enumerate(spec.objects) if x == o]
+        if sum(x.shape == o.shape for x in distinct) == 1:
+            out.append(("color", PROMPTS["color"].format(shape=o.shape), o.color, shown))
+        out.append(("shape", PROMPTS["shape"].format(color=o.color), o.shape, shown))
+        if sum(x.shape == o.shape for x in distinct) == 1:
+            out.append(("direction", PROMPTS["direction"].format(shape=o.shape), o.direction, shown))
+    return out
 
 
 # ---------------------------------------------------------------- rendering and writing
