@@ -30,7 +30,7 @@ from adapter import (SPREAD, AdapterError, ArgumentParser, check_output, concat_
 def parse_weights(text: str | None, n: int) -> list[float] | None:
     if text is None:
         return None
-    if text in SPREAD:   # a rule: the same multiplier for every adapter
+    if text in SPREAD and text != "1":   # a rule, 1/n or 1/sqrt(n): the same multiplier for every adapter
         return spread_weights(text, n)
     try:
         weights = [float(w) for w in text.split(",")]
