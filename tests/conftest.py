@@ -152,21 +152,28 @@ def write_random_hypernet(path: Path, cfg: M.SmolVLMConfig, seed: int = 0) -> Pa
 
 
 # ------------------------------------------------------------------------------------------------ CLI errors
-def assert_one_line_error(capsys, fn, argv, match: str, no_output: Path | None = None, code: int = 1):
+def assert_one_line_error(capsys, fn, argv, match: str, no_output: Path | None = None, code: int = 1, keep=(),
+                          ignore=("note:", "hint:")) -> str:
     """Run a CLI's main as its `__main__` does (adapter.run_cli): exit status `code`, exactly one stderr line
-    `error: ...` containing `match`, no traceback; with `no_output`, nothing written there, not even a temp file."""
+    `error: ...` containing `match` (lines starting with `ignore` aside), no traceback; the files in `keep`
+    byte-identical; `no_output` not created; no temp file beside any of them. Returns the error line."""
+    before = {Path(p): Path(p).read_bytes() for p in keep}
     capsys.readouterr()
     with pytest.raises(SystemExit) as e:
         run_cli(fn, [str(a) for a in argv])
     err = capsys.readouterr().err
-    lines = [line for line in err.splitlines() if not line.startswith(("note:", "hint:"))]
+    lines = [line for line in err.splitlines() if not line.startswith(tuple(ignore))]
     if isinstance(e.value.code, str):   # SystemExit("error: ...") prints when it reaches the interpreter
         lines, status = lines + [e.value.code], 1
     else:
         status = e.value.code
     assert status == code, (status, err)
-    assert len(lines) == 1 and lines[0].startswith("error: ") and match in lines[0], lines
+    assert len(lines) == 1 and lines[0].startswith("error: ") and match in lines[0], err
     assert "Traceback" not in err
-    if no_output is not None:  # nothing written, not even a temp file
+    for p, raw in before.items():
+        assert p.read_bytes() == raw, f"{p} changed"
+    if no_output is not None:
         assert not no_output.exists()
-        assert not list(no_output.parent.glob(".v2l-*.tmp"))
+    for folder in {Path(p).parent for p in [*keep, *([no_output] if no_output else [])]}:
+        assert not list(folder.glob(".v2l-*")), "a temp file was left behind"
+    return lines[0]

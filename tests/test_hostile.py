@@ -29,7 +29,7 @@ import compose
 import data
 import internalize
 import model as M
-from conftest import write_random_base, write_random_hypernet
+from conftest import assert_one_line_error, write_random_base, write_random_hypernet
 from toy import world
 
 REPO = Path(__file__).resolve().parent.parent
@@ -57,28 +57,10 @@ def run(main, *argv):
 
 
 def fails(capsys, main, *argv, match: str, code: int = 1, keep=(), out: Path | None = None) -> str:
-    """Run a command that must fail: status `code`, one stderr line `error: ...` holding `match`, no traceback;
-    the files in `keep` byte-identical; `out` not created; no temp file next to any of them."""
-    before = {Path(p): Path(p).read_bytes() for p in keep}
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as e:
-        adapter.run_cli(main, [str(a) for a in argv])
-    err = capsys.readouterr().err
-    lines = [x for x in err.splitlines() if not x.startswith(("note:", "hint:", "device ", "models loaded"))]
-    if isinstance(e.value.code, str):            # SystemExit("error: ..."): the interpreter prints it
-        lines, status = lines + [e.value.code], 1
-    else:
-        status = e.value.code
-    assert status == code, (status, err)
-    assert len(lines) == 1 and lines[0].startswith("error: ") and match in lines[0], err
-    assert "Traceback" not in err
-    for p, raw in before.items():
-        assert p.read_bytes() == raw, f"{p} changed"
-    if out is not None:
-        assert not out.exists()
-    for folder in {Path(p).parent for p in [*keep, *([out] if out else [])]}:
-        assert not list(folder.glob(".v2l-*")), "a temp file was left behind"
-    return lines[0]
+    """A command that must fail in one `error:` line (conftest.assert_one_line_error), the commands' progress
+    lines aside."""
+    return assert_one_line_error(capsys, main, argv, match, out, code, keep,
+                                 ignore=("note:", "hint:", "device ", "models loaded"))
 
 
 def common(w, out):
