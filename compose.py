@@ -30,11 +30,11 @@ from adapter import (SPREAD, AdapterError, ArgumentParser, check_output, concat_
 def parse_weights(text: str | None, n: int) -> list[float] | None:
     if text is None:
         return None
-    if text in SPREAD and text != "1":   # a rule, 1/n or 1/sqrt(n): the same multiplier for every adapter
-        return spread_weights(text, n)
     try:
         weights = [float(w) for w in text.split(",")]
-    except ValueError:
+    except ValueError:   # not numbers: a rule, 1/n or 1/sqrt(n), gives every adapter the same multiplier
+        if text in SPREAD:
+            return spread_weights(text, n)
         raise SystemExit(f"error: --weights wants comma-separated numbers, 1/n or 1/sqrt(n), got {text!r}") from None
     if len(weights) != n:
         raise SystemExit(f"error: --weights has {len(weights)} values for {n} adapters")
