@@ -77,13 +77,14 @@ def answers(vlm, proc, items: list[tuple], alpha: float, batch: int = 64) -> lis
     return texts
 
 
-def compose(parts: list[dict], hyper, facts: dict) -> dict:
-    """adapter.concat, the code compose.py runs: generated ranks side by side, the static part once."""
+def compose(parts: list[dict], hyper, facts: dict, weights=None) -> dict:
+    """adapter.concat_adapters, the code compose.py runs: generated ranks side by side (each segment's A times its
+    weight, with `weights`), the static part once."""
     meta = {**facts, "hypernet_sha256": "benchmark", "alpha": hyper.config.alpha, "targets": list(hyper.config.targets)}
     ads = [adapter_from_lora({t: (a[None], b[None]) for t, (a, b) in p.items()}, hyper.config.rank,
                         {**meta, "segments": [{"video": f"part{i}", "video_sha256": "", "start": i, "end": i + 1}]})
            for i, p in enumerate(parts)]
-    return concat_adapters(ads).ab
+    return concat_adapters(ads, weights).ab
 
 
 def score(conditions: dict[str, list[tuple]], expected: list[str], vlm, proc, alpha) -> dict[str, np.ndarray]:

@@ -28,7 +28,8 @@ import model as M
 from adapter import ArgumentParser, base_facts, run_cli, write_atomic
 from hypernet import load_hypernet
 from toy import world
-from toy.sweep import adapters, ask, clip_of, compose, in_context, sampler
+from toy.fidelity import compose
+from toy.sweep import adapters, ask, clip_of, in_context, sampler
 
 KINDS = ("color", "shape", "direction")
 WEIGHTS = {"composed": lambda n: 1.0, "composed 1/n": lambda n: 1 / n, "composed 1/sqrt(n)": lambda n: n ** -0.5}

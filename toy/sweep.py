@@ -35,10 +35,11 @@ import torch
 
 import data
 import model as M
-from adapter import ArgumentParser, adapter_from_lora, base_facts, concat_adapters, run_cli, write_atomic
+from adapter import ArgumentParser, base_facts, run_cli, write_atomic
 from hypernet import internalize, load_hypernet
 from toy import world
 from toy.captions import token_f1
+from toy.fidelity import compose
 
 QA_KINDS = ("color", "shape", "direction", "count")
 POSITIONS = 2048  # the toy base's max_position_embeddings: RoPE positions it was built for (trained on < 400)
@@ -121,16 +122,6 @@ def adapters(vlm, hyper, proc, clips: list[data.Clip], max_tokens: int = 8192) -
         out += [{t: (A[b].cpu(), B[b].cpu()) for t, (A, B) in lora.items()} for b in range(ids.shape[0])]
         i += len(inputs)
     return out
-
-
-def compose(parts: list[dict], hyper, facts: dict, weights=None) -> dict:
-    """adapter.concat_adapters, what compose.py --weights runs: the generated ranks side by side, each segment's A
-    times its weight, the static part once."""
-    meta = {**facts, "hypernet_sha256": "sweep", "alpha": hyper.config.alpha, "targets": list(hyper.config.targets)}
-    ads = [adapter_from_lora({t: (a[None], b[None]) for t, (a, b) in p.items()}, hyper.config.rank,
-                             {**meta, "segments": [{"video": f"part{i}", "video_sha256": "", "start": i, "end": i + 1}]})
-           for i, p in enumerate(parts)]
-    return concat_adapters(ads, weights).ab
 
 
 def ask(vlm, proc, items: list[tuple[str, dict | None]], alpha: float, batch: int = 64) -> list[str]:
